@@ -1,0 +1,133 @@
+"""The one exception hierarchy. Only cli.py turns these into output and exit codes."""
+
+from __future__ import annotations
+
+
+class DicomTransferError(Exception):
+    """Base of every error this tool raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(DicomTransferError):
+    """A config file or option is wrong; the message names the key path."""
+
+    def __init__(self, key: str, reason: str, file: str | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        self.file = file
+        where = f"{file}: " if file else ""
+        super().__init__(f"{where}{key}: {reason}")
+
+
+class BatchError(DicomTransferError):
+    """One or more problems in a CSV input file, each with file, line and column."""
+
+    def __init__(self, problems: list[BatchProblem], total: int | None = None) -> None:
+        self.problems = problems
+        self.total = total if total is not None else len(problems)
+        super().__init__(self.render())
+
+    def render(self, limit: int = 100) -> str:
+        lines = [str(p) for p in self.problems[:limit]]
+        if self.total > limit:
+            lines.append(f"... and {self.total - limit} more problems ({self.total} in all)")
+        return "\n".join(lines)
+
+
+class BatchProblem:
+    """One bad cell or row: `series.csv:14:2: SeriesInstanceUID: '1.2.x' is not a valid UID`."""
+
+    __slots__ = ("file", "line", "column", "field", "reason")
+
+    def __init__(self, file: str, line: int, column: int, field: str | None, reason: str) -> None:
+        self.file = file
+        self.line = line
+        self.column = column
+        self.field = field
+        self.reason = reason
+
+    def __str__(self) -> str:
+        field = f" {self.field}:" if self.field else ""
+        return f"{self.file}:{self.line}:{self.column}:{field} {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"BatchProblem({str(self)!r})"
+
+
+class JournalError(DicomTransferError):
+    """The journal cannot be opened, or does not belong to this batch."""
+
+
+class IllegalTransition(DicomTransferError):
+    """A (state, event) pair that the transition table does not allow."""
+
+    exit_code = 1
+
+    def __init__(self, state: str, event: str) -> None:
+        self.state = state
+        self.event = event
+        super().__init__(f"illegal transition: event {event!r} in state {state!r}")
+
+
+class OrthancError(DicomTransferError):
+    """Orthanc answered with an error; carries status, url and Orthanc's own message."""
+
+    exit_code = 1
+
+    def __init__(
+        self,
+        status: int | None,
+        url: str,
+        message: str,
+        details: str | None = None,
+    ) -> None:
+        self.status = status
+        self.url = url
+        self.message = message
+        self.details = details
+        code = f"HTTP {status}" if status is not None else "no answer"
+        extra = f" ({details})" if details else ""
+        super().__init__(f"{url}: {code}: {message}{extra}")
+
+
+class TransientOrthancError(OrthancError):
+    """Connection refused, 5xx, timeout: safe to retry where the call is idempotent."""
+
+
+class Unreachable(TransientOrthancError):
+    """A party did not answer within its retry deadline."""
+
+    exit_code = 3
+
+
+class MoveRefused(DicomTransferError):
+    """The source refused or failed a C-MOVE; `status` is the DIMSE status when known."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, dimse_status: int | None = None) -> None:
+        self.dimse_status = dimse_status
+        super().__init__(message)
+
+    @property
+    def out_of_resources(self) -> bool:
+        """A7xx: the PACS is full; back off rather than fail."""
+        return self.dimse_status is not None and (self.dimse_status & 0xFF00) == 0xA700
+
+    @property
+    def destination_unknown(self) -> bool:
+        """A801: the PACS does not know our destination AE title (configuration)."""
+        return self.dimse_status == 0xA801
+
+
+class DestinationUnknown(DicomTransferError):
+    """The source does not know the destination AE title: stop issuing moves."""
+
+    exit_code = 2
+
+
+class Stopped(DicomTransferError):
+    """The run stopped with work left (window end, signal); resumable."""
+
+    exit_code = 3

@@ -1,0 +1,476 @@
+"""The one HTTP boundary: every request to an Orthanc REST API goes through `OrthancRest`.
+
+`OrthancRest` maps HTTP outcomes onto our error hierarchy and retries transient failures
+(tenacity, in this layer only). `LocalOrthanc` adds the DICOM operations the local Orthanc
+performs on our behalf (C-ECHO, C-FIND, C-MOVE); `Destination` counts what arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pyorthanc
+import structlog
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from .errors import MoveRefused, OrthancError, TransientOrthancError, Unreachable
+
+log = structlog.get_logger(__name__)
+
+_DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
+
+
+def parse_dimse_status(text: str | None) -> int | None:
+    """The DIMSE status Orthanc quotes in an error text ("... DIMSE status 0xA702 ...")."""
+    if not text:
+        return None
+    m = _DIMSE_STATUS.search(text)
+    return int(m.group(1), 16) if m else None
+
+
+def orthanc_series_id(patient_id: str, study_uid: str, series_uid: str) -> str:
+    """Orthanc's public id of a series: SHA-1 of `PatientID|Study|Series`, 5 groups of 8."""
+    h = hashlib.sha1(f"{patient_id}|{study_uid}|{series_uid}".encode()).hexdigest()
+    return "-".join(h[i : i + 8] for i in range(0, 40, 8))
+
+
+class _NotDelivered(TransientOrthancError):
+    """The request never reached Orthanc (connect failed): safe to repeat any call."""
+
+
+class OrthancRest:
+    """One Orthanc's REST API: JSON in, JSON out, errors mapped, transient ones retried.
+
+    `idempotent=True` (GET, lookups, queries) lets a call be retried after any transient
+    failure; otherwise (moves) only after a failure to connect, when the request is known
+    not to have reached Orthanc, so a retry can never issue the same move twice.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        retry_deadline_s: float = 60.0,
+        name: str = "orthanc",
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = name
+        self.retry_deadline_s = retry_deadline_s
+        # pyorthanc's Orthanc is an httpx.Client; raw responses let us keep status codes.
+        self._client = pyorthanc.Orthanc(
+            self.url,
+            username=username,
+            password=password,
+            return_raw_response=True,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+        )
+        self.calls = 0
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- raw requests -----------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | str | None = None,
+        params: dict[str, Any] | None = None,
+        idempotent: bool = True,
+        timeout_s: float | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """Send one request (with retries as allowed) and return its decoded body."""
+
+        def retryable(exc: BaseException) -> bool:
+            if isinstance(exc, _NotDelivered):
+                return True
+            return idempotent and isinstance(exc, TransientOrthancError)
+
+        retrying = Retrying(
+            retry=retry_if_exception(retryable),
+            stop=stop_after_delay(self.retry_deadline_s),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._once(method, path, json, content, params, timeout_s, raw)
+        except TransientOrthancError as exc:
+            raise Unreachable(exc.status, exc.url, f"{self.name} did not answer: {exc.message}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(
+        self,
+        method: str,
+        path: str,
+        json: Any,
+        content: bytes | str | None,
+        params: dict[str, Any] | None,
+        timeout_s: float | None,
+        raw: bool,
+    ) -> Any:
+        url = f"{self.url}{path}"
+        self.calls += 1
+        kwargs: dict[str, Any] = {"params": params}
+        if timeout_s is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=5.0)
+        if method in ("POST", "PUT"):
+            kwargs["json"] = json
+            kwargs["content"] = content
+        try:
+            response = self._client.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _NotDelivered(None, url, f"cannot connect ({exc})") from exc
+        except httpx.TimeoutException as exc:
+            raise TransientOrthancError(None, url, f"timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise TransientOrthancError(None, url, f"connection failed ({exc})") from exc
+        return self._decode(response, url, raw)
+
+    @staticmethod
+    def _decode(response: httpx.Response, url: str, raw: bool) -> Any:
+        status = response.status_code
+        if 200 <= status < 300:
+            if raw:
+                return response.content
+            if not response.content:
+                return None
+            if "json" in response.headers.get("content-type", ""):
+                return response.json()
+            return response.text
+        message, details = response.reason_phrase, None
+        try:
+            body = response.json()
+            message = body.get("Message") or message
+            details = body.get("Details") or None
+        except ValueError:
+            text = response.text.strip()
+            details = text[:300] or None
+        if status in (401, 403):
+            raise OrthancError(status, url, "authentication failed: check username/password")
+        if status >= 500 and status not in (500,):
+            raise TransientOrthancError(status, url, message, details)
+        if status == 500 and details is None:
+            raise TransientOrthancError(status, url, message, details)
+        raise OrthancError(status, url, message, details)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return self.request("POST", path, json=json, **kw)
+
+    def put(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return self.request("PUT", path, json=json, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self.request("DELETE", path, **kw)
+
+    # -- what every Orthanc answers -----------------------------------------------------
+
+    def system(self) -> dict[str, Any]:
+        """`GET /system`: name, AET, version (also the readiness probe)."""
+        result = self.get("/system")
+        if not isinstance(result, dict) or "Version" not in result:
+            raise OrthancError(None, f"{self.url}/system", "not an Orthanc server (no Version)")
+        return result
+
+    def version(self) -> tuple[int, ...]:
+        return parse_version(self.system()["Version"])
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'1.12.7' → (1, 12, 7); 'mainline' or odd strings count as very new."""
+    parts = re.findall(r"\d+", text)
+    if not parts or text.strip().lower().startswith("mainline"):
+        return (99, 0, 0)
+    return tuple(int(p) for p in parts[:3])
+
+
+# ---------------------------------------------------------------------------------------
+# Source side: C-FIND and C-MOVE issued by the local Orthanc
+
+
+@dataclass(frozen=True)
+class SeriesAnswer:
+    """One SERIES-level C-FIND answer from the source."""
+
+    study_uid: str
+    series_uid: str
+    patient_id: str | None
+    expected: int | None  # NumberOfSeriesRelatedInstances; None when missing or empty
+    modality: str | None
+    description: str | None
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A move job's state as far as Orthanc knows it; `vanished` = 404 (history full)."""
+
+    state: str  # Pending Running Success Failure Paused Retry, or "Vanished"
+    error: str | None = None
+    dimse_status: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("Success", "Failure", "Vanished")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "Success"
+
+
+MOVE_JOB = "move-job"  # ≥ 1.11.1: asynchronous /modalities/{id}/move → job
+RETRIEVE_JOB = "retrieve-job"  # 1.10: /modalities/{id}/query → /answers/0/retrieve → job
+
+
+def choose_move_method(version: tuple[int, ...]) -> str:
+    """The move path this Orthanc supports: asynchronous moves exist from 1.11.1 on."""
+    return MOVE_JOB if version >= (1, 11, 1) else RETRIEVE_JOB
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        n = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
+class LocalOrthanc(OrthancRest):
+    """The Orthanc that speaks DICOM for us (SCU of C-ECHO, C-FIND, C-MOVE)."""
+
+    def echo(self, modality: str, timeout_s: float = 10.0) -> None:
+        """C-ECHO a modality known to this Orthanc; raises OrthancError when it fails."""
+        self.post(f"/modalities/{modality}/echo", {"Timeout": int(max(1, timeout_s))})
+
+    def modalities(self) -> list[str]:
+        return list(self.get("/modalities"))
+
+    def register_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """`PUT /modalities/{name}`: idempotent, so safe to repeat."""
+        self.put(f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port})
+
+    def query(self, modality: str, level: str, query: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
+        """C-FIND; returns the query id and its answers (simplified tags).
+
+        A repeated C-FIND is harmless, so the POST is retried as idempotent.
+        """
+        created = self.post(f"/modalities/{modality}/query", {"Level": level, "Query": query})
+        qid = created["ID"]
+        answers = self.get(f"/queries/{qid}/answers", params={"expand": "", "simplify": ""})
+        return qid, list(answers)
+
+    def find_series(
+        self, modality: str, series_uid: str | None, study_uid: str | None = None
+    ) -> list[SeriesAnswer]:
+        """SERIES-level C-FIND for one series (or all series of one study)."""
+        query = {
+            "StudyInstanceUID": study_uid or "",
+            "SeriesInstanceUID": series_uid or "",
+            "NumberOfSeriesRelatedInstances": "",
+            "Modality": "",
+            "SeriesDescription": "",
+        }
+        _, answers = self.query(modality, "Series", query)
+        return [self._series_answer(a) for a in answers if a.get("SeriesInstanceUID")]
+
+    def find_study_of_series(self, modality: str, series_uid: str) -> list[SeriesAnswer]:
+        """Series without its StudyInstanceUID: ask the source (Study Root, empty study key)."""
+        return self.find_series(modality, series_uid, None)
+
+    @staticmethod
+    def _series_answer(a: dict[str, Any]) -> SeriesAnswer:
+        return SeriesAnswer(
+            study_uid=str(a.get("StudyInstanceUID", "")),
+            series_uid=str(a["SeriesInstanceUID"]),
+            patient_id=a.get("PatientID") or None,
+            expected=_int_or_none(a.get("NumberOfSeriesRelatedInstances")),
+            modality=a.get("Modality") or None,
+            description=a.get("SeriesDescription") or None,
+            tags={k: str(v) for k, v in a.items() if isinstance(v, str)},
+        )
+
+    def find_instances(self, modality: str, study_uid: str, series_uid: str) -> list[str]:
+        """IMAGE-level C-FIND: the SOPInstanceUIDs the source holds for one series."""
+        query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""}
+        _, answers = self.query(modality, "Instance", query)
+        return sorted({str(a["SOPInstanceUID"]) for a in answers if a.get("SOPInstanceUID")})
+
+    # -- moves ------------------------------------------------------------------------
+
+    def start_move(
+        self,
+        method: str,
+        modality: str,
+        target_aet: str,
+        study_uid: str,
+        series_uid: str,
+        timeout_s: float,
+        sop_uids: list[str] | None = None,
+    ) -> str:
+        """Start one C-MOVE as an Orthanc job and return the job id.
+
+        Not retried after the request may have reached Orthanc: a second POST would queue
+        a second move at the PACS.
+        """
+        if method == MOVE_JOB:
+            return self._start_move_job(modality, target_aet, study_uid, series_uid, timeout_s, sop_uids)
+        if method == RETRIEVE_JOB:
+            return self._start_retrieve_job(modality, target_aet, study_uid, series_uid, sop_uids)
+        raise ValueError(f"unknown move method {method!r}")
+
+    def _start_move_job(
+        self,
+        modality: str,
+        target_aet: str,
+        study_uid: str,
+        series_uid: str,
+        timeout_s: float,
+        sop_uids: list[str] | None,
+    ) -> str:
+        base = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
+        if sop_uids:
+            level, resources = "Instance", [{**base, "SOPInstanceUID": u} for u in sop_uids]
+        else:
+            level, resources = "Series", [base]
+        body = {
+            "Level": level,
+            "Resources": resources,
+            "TargetAet": target_aet,
+            "Asynchronous": True,
+            "Timeout": int(max(1, timeout_s)),
+        }
+        created = self.post(f"/modalities/{modality}/move", body, idempotent=False)
+        if not isinstance(created, dict) or "ID" not in created:
+            url = f"{self.url}/modalities/{modality}/move"
+            raise OrthancError(None, url, "no job id in the answer (Orthanc < 1.11.1?)")
+        return str(created["ID"])
+
+    def _start_retrieve_job(
+        self,
+        modality: str,
+        target_aet: str,
+        study_uid: str,
+        series_uid: str,
+        sop_uids: list[str] | None,
+    ) -> str:
+        # Query ids live in an LRU of QueryRetrieveSize: retrieve at once after querying.
+        base = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
+        if sop_uids:
+            # A UID list (backslash-separated) matches every listed instance in one query.
+            query, level = {**base, "SOPInstanceUID": "\\".join(sop_uids)}, "Instance"
+        else:
+            query, level = base, "Series"
+        created = self.post(f"/modalities/{modality}/query", {"Level": level, "Query": query})
+        qid = created["ID"]
+        body = {"TargetAet": target_aet, "Synchronous": False}
+        answers = self.get(f"/queries/{qid}/answers")
+        if not answers:
+            raise MoveRefused("not found at source (no C-FIND answer to retrieve)", 0xC000)
+        path = f"/queries/{qid}/retrieve" if len(answers) > 1 else f"/queries/{qid}/answers/0/retrieve"
+        created = self.post(path, body, idempotent=False)
+        return str(created["ID"])
+
+    def job_status(self, job_id: str) -> JobStatus:
+        """`GET /jobs/{id}`; a 404 means the job left Orthanc's history (or Orthanc restarted)."""
+        try:
+            job = self.get(f"/jobs/{job_id}")
+        except OrthancError as exc:
+            if exc.status == 404:
+                return JobStatus("Vanished")
+            raise
+        state = str(job.get("State"))
+        if state == "Failure":
+            details = job.get("ErrorDetails") or job.get("ErrorDescription") or "move failed"
+            return JobStatus(state, str(details), parse_dimse_status(str(details)))
+        return JobStatus(state)
+
+    def cancel_job(self, job_id: str) -> None:
+        try:
+            self.post(f"/jobs/{job_id}/cancel", {})
+        except OrthancError as exc:
+            if exc.status not in (400, 404):
+                raise
+
+
+# ---------------------------------------------------------------------------------------
+# Destination side: proof of arrival
+
+
+class Destination(OrthancRest):
+    """The Orthanc where the C-STOREs land; counts what it holds."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._series_ids: dict[str, str] = {}
+
+    def series_id(self, series_uid: str) -> str | None:
+        """Orthanc id of a series by its UID (cached once found)."""
+        known = self._series_ids.get(series_uid)
+        if known:
+            return known
+        found = self.post("/tools/lookup", content=series_uid)
+        for item in found or []:
+            if item.get("Type") == "Series":
+                self._series_ids[series_uid] = item["ID"]
+                return str(item["ID"])
+        return None
+
+    def count(self, series_uid: str) -> int:
+        """How many instances of this series the destination holds (0 when none)."""
+        sid = self.series_id(series_uid)
+        if sid is None:
+            return 0
+        try:
+            series = self.get(f"/series/{sid}")
+        except OrthancError as exc:
+            if exc.status == 404:  # deleted since we cached its id
+                self._series_ids.pop(series_uid, None)
+                return 0
+            raise
+        return len(series.get("Instances", []))
+
+    def sop_uids(self, series_uid: str) -> set[str]:
+        """SOPInstanceUIDs the destination holds for a series (for image-level repair)."""
+        sid = self.series_id(series_uid)
+        if sid is None:
+            return set()
+        instances = self.get(f"/series/{sid}/instances")
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in instances}
+
+    def last_change(self) -> int:
+        """The newest change sequence number (`GET /changes?last`)."""
+        return int(self.get("/changes", params={"last": ""}).get("Last", 0))
+
+    def changed_since(self, seq: int) -> tuple[bool, int]:
+        """Whether anything arrived after `seq`; returns the new sequence mark."""
+        answer = self.get("/changes", params={"since": seq, "limit": 1000})
+        last = int(answer.get("Last", seq))
+        return (last > seq or bool(answer.get("Changes"))), max(last, seq)
+
+
+def dimse_from_error(exc: OrthancError) -> int | None:
+    return parse_dimse_status(exc.details) or parse_dimse_status(exc.message)
+
+
+Clock = Callable[[], float]
