@@ -1,0 +1,353 @@
+"""Batch CSV → `BatchRow`s, every problem of the file reported at once.
+
+The header names DICOM keywords. A row with a SeriesInstanceUID is one series; a row with
+a StudyInstanceUID and no SeriesInstanceUID is a whole study. Other DICOM keyword columns
+(a `find` manifest's Modality, StudyDate, ...) are accepted and ignored. UTF-8 with or
+without BOM; `,` or `;` (whichever the header line uses). The file is streamed line by
+line, so neither a large batch nor a large file of garbage is held in memory.
+PatientID values never appear in an error message.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import difflib
+import functools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.datadict import keyword_dict
+
+from .errors import BatchError, BatchProblem
+
+SERIES = "SeriesInstanceUID"
+STUDY = "StudyInstanceUID"
+PATIENT = "PatientID"
+_USED = (SERIES, STUDY, PATIENT)
+
+MAX_LINE_BYTES = 64 * 1024  # a batch row is a few hundred bytes; longer means "not a batch"
+MAX_PROBLEMS = 10_000  # kept for the error; beyond this they are only counted
+_SHOWN_VALUE = 80  # longest cell value quoted in a message
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """One valid batch row; `line` is its physical line in the file (header = 1)."""
+
+    line: int
+    series_uid: str | None
+    study_uid: str | None
+    patient_id: str | None
+
+    @property
+    def is_study(self) -> bool:
+        """A whole-study row (no SeriesInstanceUID): expanded to its series later."""
+        return self.series_uid is None
+
+
+# -- validators --------------------------------------------------------------------------
+
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+
+
+def is_valid_uid(value: str) -> tuple[bool, str]:
+    """(ok, reason) for a DICOM UID: 1-64 chars, digits and dots, no empty or 0-led component."""
+    if 0 < len(value) <= 64 and _UID.fullmatch(value):
+        return True, ""
+    if not value:
+        return False, "must not be empty"
+    if len(value) > 64:
+        return False, f"must be at most 64 characters, got {len(value)}"
+    if any(c not in "0123456789." for c in value):
+        return False, "must contain only digits and dots"
+    for component in value.split("."):
+        if not component:
+            return False, "must not have an empty component"
+        if len(component) > 1 and component[0] == "0":
+            return False, f"component {component!r} must not have a leading zero"
+    return False, "is not a valid UID"  # pragma: no cover - the checks above cover the regex
+
+
+@functools.lru_cache(maxsize=1)
+def _keywords_by_folded() -> dict[str, str]:
+    return {_fold(k): k for k in keyword_dict}
+
+
+def _fold(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.casefold())
+
+
+# Columns a batch is about: a near miss of one of these is the likeliest meaning.
+_PREFERRED = (SERIES, STUDY, PATIENT, "Modality", "StudyDate", "SeriesDescription", "AccessionNumber")
+_ALIASES = {
+    "seriesuid": SERIES,
+    "seriesid": SERIES,
+    "studyuid": STUDY,
+    "patid": PATIENT,
+    "sopuid": "SOPInstanceUID",
+}
+
+
+def suggest_keyword(name: str) -> str | None:
+    """The DICOM keyword closest to `name` (`patientID` → PatientID), or None."""
+    folded = _fold(name)
+    if not folded:
+        return None
+    table = _keywords_by_folded()
+    exact = table.get(folded) or _ALIASES.get(folded)
+    if exact:
+        return exact
+    bonus = {k: 0.1 for k in _PREFERRED}
+    for close in difflib.get_close_matches(folded, table, n=3, cutoff=0.6):
+        bonus.setdefault(table[close], 0.0)
+    score, best = max((difflib.SequenceMatcher(None, folded, _fold(k)).ratio() + b, k) for k, b in bonus.items())
+    return best if score >= 0.7 else None
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+class _Fatal(Exception):
+    """The rest of the file cannot be read as CSV text: stop at this problem."""
+
+    def __init__(self, line: int, column: int, reason: str) -> None:
+        super().__init__(reason)
+        self.line = line
+        self.column = column
+        self.reason = reason
+
+
+class _Lines:
+    """Decoded lines of a binary file, counted, each checked for length, NULs and UTF-8."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.number = 0  # physical lines handed out so far
+
+    def __iter__(self) -> Iterator[str]:
+        readline = self._fh.readline
+        while raw := readline(MAX_LINE_BYTES + 1):
+            self.number += 1
+            if self.number == 1:
+                raw = self._first(raw)
+            if len(raw) > MAX_LINE_BYTES:
+                raise _Fatal(self.number, 1, f"line longer than {MAX_LINE_BYTES} bytes: not a batch CSV")
+            if b"\0" in raw:
+                raise _Fatal(self.number, raw.index(b"\0") + 1, "the file contains a NUL byte: not a text file")
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[: exc.start].decode("utf-8")) + 1
+                raise _Fatal(self.number, column, f"the file is not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+
+    def _first(self, raw: bytes) -> bytes:
+        if raw.startswith(codecs.BOM_UTF8):
+            return raw[len(codecs.BOM_UTF8) :]
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise _Fatal(1, 1, "the file is UTF-16 text: save it as UTF-8")
+        return raw
+
+
+class _Collector:
+    """Problems of one file: the first MAX_PROBLEMS kept, all counted."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.kept: list[BatchProblem] = []
+        self.total = 0
+
+    def add(self, line: int, column: int, field: str | None, reason: str) -> None:
+        self.total += 1
+        if len(self.kept) < MAX_PROBLEMS:
+            self.kept.append(BatchProblem(self.label, line, column, field, reason))
+
+    def error(self) -> BatchError:
+        return BatchError(self.kept, self.total)
+
+
+def _shown(value: str) -> str:
+    if len(value) > _SHOWN_VALUE:
+        value = value[: _SHOWN_VALUE - 3] + "..."
+    return repr(value)
+
+
+def _is_blank(cells: list[str]) -> bool:
+    return all(not c.strip() for c in cells)
+
+
+@dataclass
+class _Header:
+    """Where the columns we use are (0-based index, or None)."""
+
+    width: int
+    series: int | None
+    study: int | None
+    patient: int | None
+
+
+def _check_header(cells: list[str], line: int, out: _Collector) -> _Header | None:
+    """The header's column positions, or None when the rows cannot be read with it.
+
+    That is when no UID column is there, or when a column we use is doubled or looks
+    misspelt: checking rows against a header the user did not mean would only add noise.
+    """
+    names = [c.strip() for c in cells]
+    seen: dict[str, int] = {}
+    usable = True
+    for col, name in enumerate(names, start=1):
+        if not name:
+            out.add(line, col, None, "empty column name")
+        elif name in seen:
+            out.add(line, col, None, f"duplicate column {name!r} (also column {seen[name]})")
+            usable = usable and name not in _USED
+        elif name not in keyword_dict:
+            suggestion = suggest_keyword(name)
+            out.add(line, col, None, _unknown_column(name, suggestion))
+            usable = usable and suggestion not in _USED
+        seen.setdefault(name, col)
+    if SERIES not in seen and STUDY not in seen:
+        if usable:
+            out.add(line, 1, None, f"the header needs a {SERIES} or a {STUDY} column")
+        return None
+    if not usable:
+        return None
+
+    def index(name: str) -> int | None:
+        return seen[name] - 1 if name in seen else None
+
+    return _Header(len(names), index(SERIES), index(STUDY), index(PATIENT))
+
+
+def _unknown_column(name: str, suggestion: str | None) -> str:
+    if "\t" in name:
+        return f"unknown column {_shown(name)} (the delimiter must be ',' or ';')"
+    hint = f" (did you mean {suggestion}?)" if suggestion else " (not a DICOM keyword)"
+    return f"unknown column {_shown(name)}{hint}"
+
+
+class _RowChecker:
+    """Validates data rows against the header and remembers UIDs to find duplicates."""
+
+    def __init__(self, header: _Header, out: _Collector) -> None:
+        self.h = header
+        self.out = out
+        self.series_seen: dict[str, int] = {}
+        self.study_seen: dict[str, int] = {}
+
+    def check(self, cells: list[str], line: int) -> BatchRow | None:
+        h, out = self.h, self.out
+        if len(cells) != h.width:
+            column = min(len(cells), h.width) + 1
+            out.add(line, column, None, f"expected {h.width} cells like the header, got {len(cells)}")
+            return None
+        before = out.total
+        series = self._uid(cells, h.series, SERIES, line)
+        study = self._uid(cells, h.study, STUDY, line)
+        patient = self._patient(cells, line)
+        if out.total != before:
+            return None
+        if series is None and study is None:
+            column = (h.series if h.series is not None else h.study or 0) + 1
+            out.add(line, column, None, f"row has neither a {SERIES} nor a {STUDY}")
+            return None
+        if not self._unique(series, study, line):
+            return None
+        return BatchRow(line, series, study, patient)
+
+    def _uid(self, cells: list[str], index: int | None, name: str, line: int) -> str | None:
+        if index is None:
+            return None
+        value = cells[index].strip()
+        if not value:
+            return None
+        if "*" in value or "?" in value:
+            self.out.add(line, index + 1, name, f"wildcards are not allowed in a batch ({_shown(value)})")
+        elif not _UID.fullmatch(value) or len(value) > 64:
+            self.out.add(line, index + 1, name, f"{_shown(value)} is not a valid UID")
+        return value
+
+    def _patient(self, cells: list[str], line: int) -> str | None:
+        index = self.h.patient
+        if index is None:
+            return None
+        value = cells[index].strip()
+        if not value:
+            return None
+        # Never quote the value: it identifies a patient.
+        if "*" in value or "?" in value:
+            self.out.add(line, index + 1, PATIENT, "wildcards are not allowed in a batch")
+        elif len(value) > 64:
+            self.out.add(line, index + 1, PATIENT, f"longer than 64 characters ({len(value)})")
+        elif "\\" in value:
+            self.out.add(line, index + 1, PATIENT, "must not contain a backslash")
+        return value
+
+    def _unique(self, series: str | None, study: str | None, line: int) -> bool:
+        if series is not None:
+            seen, key, index, name, what = self.series_seen, series, self.h.series, SERIES, "row"
+        else:
+            assert study is not None
+            seen, key, index, name, what = self.study_seen, study, self.h.study, STUDY, "study row"
+        first = seen.setdefault(key, line)
+        if first != line:
+            assert index is not None
+            self.out.add(line, index + 1, name, f"{_shown(key)} duplicates the {what} at line {first}")
+            return False
+        return True
+
+
+def _first_line(lines: Iterator[str]) -> str | None:
+    for text in lines:
+        if text.strip():
+            return text
+    return None
+
+
+def read_batch(path: str | Path) -> list[BatchRow]:
+    """Read and validate a batch CSV; raise `BatchError` listing every problem in it."""
+    out = _Collector(str(path))
+    try:
+        # Binary, decoded line by line, so that bad bytes get a line number.
+        with open(path, "rb") as fh:
+            lines = _Lines(fh)
+            rows = _read(iter(lines), lines, out)
+    except _Fatal as exc:
+        out.add(exc.line, exc.column, None, exc.reason)
+        raise out.error() from None
+    except OSError as exc:
+        out.add(1, 1, None, f"cannot read the file ({exc.strerror or exc})")
+        raise out.error() from None
+    if out.total:
+        raise out.error()
+    return rows
+
+
+def _read(it: Iterator[str], lines: _Lines, out: _Collector) -> list[BatchRow]:
+    header_text = _first_line(it)
+    if header_text is None:
+        out.add(1, 1, None, f"empty file: expected a header of DICOM keywords such as {SERIES}")
+        return []
+    header_line = lines.number
+    delimiter = ";" if header_text.count(";") > header_text.count(",") else ","
+    header = _check_header(next(csv.reader([header_text], delimiter=delimiter), []), header_line, out)
+    if header is None:
+        return []  # without a UID column the rows cannot mean anything
+    checker = _RowChecker(header, out)
+    rows: list[BatchRow] = []
+    last = header_line
+    try:
+        for cells in csv.reader(it, delimiter=delimiter):
+            start, last = last + 1, lines.number
+            if not _is_blank(cells):
+                row = checker.check(cells, start)
+                if row is not None:
+                    rows.append(row)
+    except csv.Error as exc:
+        raise _Fatal(last + 1, 1, f"not valid CSV ({exc})") from None
+    if not rows and not out.total:
+        out.add(header_line, 1, None, "no rows after the header")
+    return rows

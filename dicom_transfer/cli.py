@@ -1,0 +1,207 @@
+"""Command line (typer). The only module that prints and turns errors into exit codes.
+
+Exit codes: 0 every series complete; 1 some failed; 2 bad input or config, or a party
+unreachable at start (nothing changed); 3 stopped with work left (resumable). 3 wins over 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import logs
+from .config import Config, load_config
+from .errors import BatchError, DicomTransferError
+from .journal import Journal
+from .report import status as status_of
+
+app = typer.Typer(add_completion=False, help="Verified, throttled, resumable C-MOVE of DICOM series through Orthanc.")
+err = Console(stderr=True)
+PROGRESS_EVERY_S = 10.0
+
+
+def _fail(exc: DicomTransferError) -> typer.Exit:
+    if isinstance(exc, BatchError):
+        err.print(exc.render(), markup=False, highlight=False)
+        err.print(f"error: {exc.total} problem(s) in the batch; nothing was written", markup=False)
+    else:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+    return typer.Exit(code=exc.exit_code)
+
+
+def _load(config: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    return load_config(config, overrides=overrides or {})
+
+
+@app.callback(invoke_without_command=True)
+def main_command(
+    ctx: typer.Context,
+    batch: Path | None = typer.Option(None, "--batch", help="CSV of SeriesInstanceUID (or StudyInstanceUID) rows."),
+    config: Path | None = typer.Option(None, "--config", help="transfer.yaml (see conf/transfer.example.yaml)."),
+    journal: Path | None = typer.Option(None, "--journal", help="Journal path (default <batch>.journal.sqlite)."),
+    report: Path | None = typer.Option(None, "--report", help="Write the report: JSON, or CSV for a .csv path."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report's summary as JSON on stdout."),
+    until_window_end: bool = typer.Option(False, "--until-window-end", help="Exit 3 at the window's end."),
+    show_phi: bool = typer.Option(False, "--show-phi", help="Include PatientID in reports."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    log_file: Path | None = typer.Option(None, "--log-file", help="Also write JSON-lines logs here."),
+) -> None:
+    """Run a batch: `python main.py --batch series.csv`. Re-running the same command resumes."""
+    if ctx.invoked_subcommand is not None:
+        if batch is not None:
+            err.print("error: --batch is the main job; it does not go with a subcommand")
+            raise typer.Exit(2)
+        return
+    if batch is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+    logs.configure(quiet=quiet or json_out, log_file=log_file)
+    from .transfer import run_batch
+
+    try:
+        cfg = _load(config)
+        with _progress(quiet or json_out) as on_progress:
+            outcome = run_batch(
+                cfg, batch, journal_path=journal, report_path=report,
+                until_window_end=until_window_end, show_phi=show_phi, on_progress=on_progress,
+            )  # fmt: skip
+    except DicomTransferError as exc:
+        raise _fail(exc) from None
+    summary = outcome.report["summary"]
+    if json_out:
+        typer.echo(json.dumps(summary))
+    else:
+        _print_summary(outcome.report, outcome.journal_path, outcome.report_path)
+    raise typer.Exit(outcome.exit_code)
+
+
+def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | None) -> None:
+    s = report["summary"]
+    err.print(
+        f"{s['complete']}/{s['total']} series complete, {s['failed']} failed, {s['pending']} pending;"
+        f" {s['instances']} instances in {s['seconds']:.1f} s",
+        highlight=False,
+    )
+    for row in report["series"]:
+        if row["state"] == "failed":
+            err.print(f"  failed {row['SeriesInstanceUID']}: {row['reason']}", markup=False, highlight=False)
+    if report.get("stopped"):
+        err.print(f"stopped: {report['stopped']} (run the same command to resume)", markup=False)
+    err.print(f"journal: {journal}", markup=False, highlight=False)
+    if report_path:
+        err.print(f"report:  {report_path}", markup=False, highlight=False)
+
+
+class _progress:
+    """A rich bar on a terminal; otherwise a log line every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.last = 0.0
+
+    def __enter__(self) -> Callable[[dict[str, int]], None]:
+        if not self.quiet and sys.stderr.isatty():
+            self.bar = Progress(
+                TextColumn("[bold]series"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("series", total=None, detail="")
+        return self.update
+
+    def update(self, counts: dict[str, int]) -> None:
+        total = sum(counts.values())
+        done = counts["complete"] + counts["failed"]
+        flying = counts["moving"] + counts["verifying"]
+        detail = f"in flight {flying}, failed {counts['failed']}, retry {counts['waiting_retry']}"
+        if self.bar is not None:
+            self.bar.update(self.task, total=total, completed=done, detail=detail)
+        elif not self.quiet and time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.monotonic()
+            err.print(f"progress: {done}/{total} done; {detail}", markup=False, highlight=False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def status(
+    journal: Path = typer.Option(..., "--journal", help="The run's journal (works while it runs)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Where a batch stands, from its journal (also while a run is going on, or after a crash)."""
+    try:
+        j = Journal(journal, readonly=True)
+    except DicomTransferError as exc:
+        raise _fail(exc) from None
+    try:
+        info = status_of(j, time.time())
+    finally:
+        j.close()
+    if json_out:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    s = info["summary"]
+    typer.echo(f"journal   {info['journal']}")
+    typer.echo(f"series    {s['total']}: {s['complete']} complete, {s['failed']} failed, {s['pending']} pending")
+    typer.echo("states    " + ", ".join(f"{k} {v}" for k, v in info["states"].items() if v))
+    typer.echo(f"instances {s['instances']}")
+    if info["series_per_minute"]:
+        typer.echo(f"rate      {info['series_per_minute']} series/min, eta {info['eta_seconds']} s")
+    for f in info["in_flight"]:
+        typer.echo(f"in flight {f['SeriesInstanceUID']} {f['state']} {f['received']}/{f['expected']}")
+    for e in info["last_errors"]:
+        typer.echo(f"error     {e['at']} {e['SeriesInstanceUID']} {e['event']}: {e['detail']}")
+
+
+@app.command()
+def echo(config: Path | None = typer.Option(None, "--config", help="transfer.yaml")) -> None:
+    """C-ECHO the source (and destination modality) from the local Orthanc; REST of local and destination."""
+    from .echo import check_parties
+
+    try:
+        cfg = _load(config)
+        results = check_parties(cfg)
+    except DicomTransferError as exc:
+        raise _fail(exc) from None
+    ok = True
+    for name, good, detail in results:
+        ok &= good
+        typer.echo(f"{'ok  ' if good else 'FAIL'} {name:<28} {detail}")
+    raise typer.Exit(0 if ok else 2)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo-run"), "--workdir", help="Where the demo keeps servers and files."),
+    series: int = typer.Option(20, "--series", min=1, help="Synthetic series to transfer."),
+    instances: int = typer.Option(50, "--instances", min=1, help="Instances per series."),
+) -> None:
+    """Start a hospital PACS and a centre Orthanc on loopback, fill the PACS, transfer, verify."""
+    from .demo import run_demo
+
+    logs.configure()
+    try:
+        code = run_demo(workdir, n_series=series, n_instances=instances, console=err)
+    except DicomTransferError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

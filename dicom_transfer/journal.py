@@ -1,0 +1,297 @@
+"""The SQLite journal: one row per series, one guarded transaction per transition.
+
+Every state change is `UPDATE series SET state=? ... WHERE uid=? AND state=?` plus one row
+in `events`, in one transaction; a rowcount of 0 means someone else moved the row and is
+an error. WAL mode lets `status` read while a run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import JournalError
+from .states import Event, State, next_state
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    seq INTEGER PRIMARY KEY,            -- batch order; issue order
+    uid TEXT NOT NULL UNIQUE,           -- SeriesInstanceUID
+    study_uid TEXT,
+    patient_id TEXT,
+    batch_line INTEGER,
+    state TEXT NOT NULL,
+    expected INTEGER,                   -- NumberOfSeriesRelatedInstances (or IMAGE count)
+    received INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    verified TEXT,                      -- "count" | "stable-count"
+    reason TEXT,
+    warning TEXT,
+    next_attempt_at REAL,
+    job_id TEXT,
+    move_method TEXT,
+    issued_at REAL,                     -- current attempt
+    first_issued_at REAL,
+    finished_at REAL,
+    seconds REAL,                       -- first issue to complete
+    sop_uids TEXT,                      -- JSON list, when known from an IMAGE-level C-FIND
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_state_seq ON series (state, seq);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    uid TEXT,                           -- NULL for run-level events (throttle, run start)
+    event TEXT NOT NULL,
+    from_state TEXT,
+    to_state TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_uid ON events (uid);
+"""
+
+_COLUMNS = (
+    "seq uid study_uid patient_id batch_line state expected received attempts verified reason warning "
+    "next_attempt_at job_id move_method issued_at first_issued_at finished_at seconds sop_uids updated_at"
+).split()
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    """A snapshot of one journal row."""
+
+    seq: int
+    uid: str
+    study_uid: str | None
+    patient_id: str | None
+    batch_line: int | None
+    state: State
+    expected: int | None
+    received: int
+    attempts: int
+    verified: str | None
+    reason: str | None
+    warning: str | None
+    next_attempt_at: float | None
+    job_id: str | None
+    move_method: str | None
+    issued_at: float | None
+    first_issued_at: float | None
+    finished_at: float | None
+    seconds: float | None
+    sop_uids: tuple[str, ...] | None
+    updated_at: float
+
+    @classmethod
+    def from_sql(cls, row: sqlite3.Row | tuple[Any, ...]) -> SeriesRow:
+        values = dict(zip(_COLUMNS, tuple(row), strict=True))
+        values["state"] = State(values["state"])
+        sop = values["sop_uids"]
+        values["sop_uids"] = tuple(json.loads(sop)) if sop else None
+        return cls(**values)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, streamed (to tell whether a journal belongs to this batch)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Journal:
+    """The run's durable memory. One connection, used from one thread."""
+
+    def __init__(self, path: Path, *, clock: Any = time.time, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.writes = 0
+        if readonly:
+            if not self.path.exists():
+                raise JournalError(f"{self.path}: no such journal")
+            uri = f"file:{self.path}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, timeout=10, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
+            self.db.execute("SELECT 1 FROM series LIMIT 1")
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise JournalError(f"{self.path}: not a dicom-transfer journal ({exc})") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta -------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def planned(self) -> bool:
+        return self.meta("planned_at") is not None
+
+    # -- planning ---------------------------------------------------------------------
+
+    def plan(self, rows: Iterable[tuple[str, str | None, str | None, int | None]], batch: Path) -> int:
+        """Insert every (series_uid, study_uid, patient_id, line) as pending, in one transaction.
+
+        Idempotent: a series already planned keeps its row. Returns the number planned.
+        """
+        now = self.clock()
+        with self._tx():
+            cur = self.db.executemany(
+                "INSERT OR IGNORE INTO series (uid, study_uid, patient_id, batch_line, state, updated_at)"
+                " VALUES (?, ?, ?, ?, 'pending', ?)",
+                ((uid, study, pid, line, now) for uid, study, pid, line in rows),
+            )
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('batch', ?)", (str(batch),))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('planned_at', ?)", (repr(now),))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        self.writes += 1
+        return cur.rowcount
+
+    # -- transitions ------------------------------------------------------------------
+
+    def transition(self, uid: str, state: State, event: Event, detail: str | None = None, **fields: Any) -> State:
+        """Move one series from `state` by `event`, setting `fields`, in one transaction.
+
+        Raises IllegalTransition for a pair outside the table and JournalError when the
+        row is not in `state` any more.
+        """
+        new = next_state(state, event)
+        now = self.clock()
+        if "sop_uids" in fields and fields["sop_uids"] is not None:
+            fields["sop_uids"] = json.dumps(list(fields["sop_uids"]))
+        for key in fields:
+            if key not in _COLUMNS or key in ("seq", "uid", "state", "updated_at"):
+                raise ValueError(f"not a settable journal column: {key}")
+        sets = "".join(f", {k}=?" for k in fields)
+        with self._tx():
+            cur = self.db.execute(
+                f"UPDATE series SET state=?, updated_at=?{sets} WHERE uid=? AND state=?",
+                (new.value, now, *fields.values(), uid, State(state).value),
+            )
+            if cur.rowcount != 1:
+                raise JournalError(f"series {uid}: expected state {State(state).value!r}, row not updated")
+            self.db.execute(
+                "INSERT INTO events (at, uid, event, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                (now, uid, Event(event).value, State(state).value, new.value, detail),
+            )
+        self.writes += 1
+        return new
+
+    def update(self, uid: str, state: State, **fields: Any) -> None:
+        """Change fields of a row without changing its state (guarded by its state)."""
+        sets = ", ".join(f"{k}=?" for k in fields)
+        cur = self.db.execute(
+            f"UPDATE series SET {sets}, updated_at=? WHERE uid=? AND state=?",
+            (*fields.values(), self.clock(), uid, State(state).value),
+        )
+        if cur.rowcount != 1:
+            raise JournalError(f"series {uid}: expected state {State(state).value!r}, row not updated")
+        self.writes += 1
+
+    def record(self, event: str, detail: dict[str, Any] | None = None, uid: str | None = None) -> None:
+        """A run-level event (throttle change, run start/stop): one row, no state change."""
+        self.db.execute(
+            "INSERT INTO events (at, uid, event, detail) VALUES (?, ?, ?, ?)",
+            (self.clock(), uid, event, json.dumps(detail) if detail else None),
+        )
+        self.writes += 1
+
+    # -- reading ----------------------------------------------------------------------
+
+    def get(self, uid: str) -> SeriesRow:
+        row = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM series WHERE uid=?", (uid,)).fetchone()
+        if row is None:
+            raise JournalError(f"series {uid} is not in the journal")
+        return SeriesRow.from_sql(row)
+
+    def rows(self, *states: State, limit: int | None = None) -> list[SeriesRow]:
+        """Rows in batch order, optionally only those in `states`."""
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM series"
+        args: list[Any] = []
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args = [State(s).value for s in states]
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [SeriesRow.from_sql(r) for r in self.db.execute(sql, args)]
+
+    def iter_rows(self) -> Iterator[SeriesRow]:
+        cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM series ORDER BY seq")
+        for r in cur:
+            yield SeriesRow.from_sql(r)
+
+    def due_retries(self, now: float) -> list[SeriesRow]:
+        sql = (
+            f"SELECT {', '.join(_COLUMNS)} FROM series WHERE state='waiting_retry'"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY seq"
+        )
+        return [SeriesRow.from_sql(r) for r in self.db.execute(sql, (now,))]
+
+    def next_retry_at(self) -> float | None:
+        row = self.db.execute("SELECT MIN(next_attempt_at) FROM series WHERE state='waiting_retry'").fetchone()
+        return row[0] if row else None
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in State}
+        for state, n in self.db.execute("SELECT state, COUNT(*) FROM series GROUP BY state"):
+            counts[state] = n
+        return counts
+
+    def totals(self) -> dict[str, Any]:
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN state='complete' THEN received END), 0),"
+            " MIN(first_issued_at), MAX(finished_at) FROM series"
+        ).fetchone()
+        return {"total": row[0], "instances": row[1], "first_issued_at": row[2], "last_finished_at": row[3]}
+
+    def events(self, uid: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        sql = "SELECT at, uid, event, from_state, to_state, detail FROM events"
+        args: tuple[Any, ...] = ()
+        if uid is not None:
+            sql, args = sql + " WHERE uid=?", (uid,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        keys = ("at", "uid", "event", "from_state", "to_state", "detail")
+        return [dict(zip(keys, r, strict=True)) for r in self.db.execute(sql, (*args, limit))]
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (autocommit connection)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

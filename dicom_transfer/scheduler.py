@@ -1,0 +1,483 @@
+"""The scheduler: series through their states, a bounded few at a time, each proven.
+
+States, events and the transition table live in `states.py` (re-exported here); the
+journal applies each transition as one guarded transaction. This module decides *when*:
+queries run a little ahead of the moves, at most `limit` moves are in flight (AIMD,
+`throttle.py`), every wait has a deadline, and nothing is complete without a count.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+
+from .config import Config
+from .errors import DestinationUnknown, OrthancError, Stopped, Unreachable
+from .journal import Journal, SeriesRow
+from .orthanc import Destination, LocalOrthanc, choose_move_method, dimse_from_error
+from .states import TRANSITIONS, Event, State, next_state
+from .throttle import Throttle
+from .verify import Decision, Observation, Verdict, judge
+from .window import Window
+
+__all__ = ["TRANSITIONS", "Event", "State", "next_state", "Scheduler", "RunResult", "short_uid"]
+
+log = structlog.get_logger("dicom_transfer")
+
+RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at least this often
+
+
+def short_uid(uid: str) -> str:
+    """The tail of a UID, enough to tell series apart in logs."""
+    return uid if len(uid) <= 12 else "…" + uid[-10:]
+
+
+@dataclass
+class Flight:
+    """One series whose move is in flight (memory only; the journal has the durable part)."""
+
+    uid: str
+    study_uid: str
+    expected: int | None
+    attempt: int
+    issued_at: float
+    baseline: int  # destination count when this attempt was issued
+    state: State = State.MOVING  # the row's state in the journal
+    job_id: str | None = None
+    job_ended_at: float | None = None
+    job_succeeded: bool = False
+    job_error: str | None = None
+    job_dimse: int | None = None
+    count: int = 0
+    last_growth_at: float = 0.0
+    counted_at: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """How a run ended: `stopped` means work is left (exit 3)."""
+
+    stopped: bool = False
+    stop_reason: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class StopFlag:
+    """Set from a signal handler; the loop stops issuing and returns."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+
+class Scheduler:
+    """Drives every series of a journal to `complete` or `failed`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        journal: Journal,
+        local: LocalOrthanc,
+        dest: Destination,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        until_window_end: bool = False,
+        stop: StopFlag | None = None,
+        on_progress: Callable[[dict[str, int]], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.t = cfg.transfer
+        self.journal = journal
+        self.local = local
+        self.dest = dest
+        self.clock = clock
+        self.sleep = sleep
+        self.until_window_end = until_window_end
+        self.stop = stop or StopFlag()
+        self.on_progress = on_progress
+        self.rng = rng or random.Random()
+        self.window = (
+            Window(cfg.window.start, cfg.window.end, cfg.window.timezone, cfg.window.days)
+            if cfg.window
+            else None
+        )
+        self.throttle = Throttle(
+            max_in_flight=self.t.max_in_flight,
+            recover_after=self.t.recover_after,
+            pause_s=self.t.pause_s,
+            cooldown_s=self.t.cooldown_s,
+            clock=clock,
+        )
+        self.flights: dict[str, Flight] = {}
+        self.method = self.t.move_method
+        self.change_mark = 0
+        self._queried = 0  # rows in `queried`, kept in memory to avoid a COUNT per loop
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Run until every series is complete or failed, or until told to stop."""
+        if self.method == "auto":
+            self.method = choose_move_method(self.local.version())
+        self.change_mark = self.dest.last_change()
+        self.journal.record("run.start", {"method": self.method, "limit": self.throttle.limit})
+        log.info("run.start", method=self.method, max_in_flight=self.t.max_in_flight)
+        self._reclaim()
+        self._queried = len(self.journal.rows(State.QUERIED))
+        result = RunResult()
+        while True:
+            now = self.clock()
+            if self.stop:
+                result = RunResult(True, self.stop.reason)
+                break
+            open_now = self._window_open(now)
+            if not open_now and not self.flights and self.until_window_end:
+                result = RunResult(True, "outside the time window")
+                break
+            progressed = self._release_retries(now)
+            if open_now:
+                # issue first: the next series was queried ahead while the last one moved
+                progressed |= self._issue()
+                progressed |= self._query_ahead()
+            progressed |= self._poll_flights()
+            if not self.flights and self._nothing_left():
+                break
+            if not progressed:
+                self._idle(open_now)
+        result.counts = self.journal.counts()
+        self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
+        return result
+
+    def _window_open(self, now: float) -> bool:
+        return self.window is None or self.window.is_open(now)
+
+    def _nothing_left(self) -> bool:
+        counts = self.journal.counts()
+        return all(counts[s.value] == 0 for s in State if not s.terminal)
+
+    def _idle(self, open_now: bool) -> None:
+        """Sleep until something may change: a poll tick, a due retry or the window."""
+        wait = self.t.poll_s
+        if not self.flights:
+            now = self.clock()
+            wakeups = [self.journal.next_retry_at(), self.throttle.not_before]
+            if not open_now and self.window is not None:
+                wakeups.append(self.window.next_open(now))
+            future = [w - now for w in wakeups if w is not None and w > now]
+            wait = min(future) if future else self.t.poll_s
+            wait = max(self.t.poll_s, min(wait, 5.0))  # wake up now and then for signals
+        self._report_progress()
+        self.sleep(wait)
+
+    def _report_progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.journal.counts())
+
+    # -- start-up: reclaim what a previous run left in flight -----------------------
+
+    def _reclaim(self) -> None:
+        """Rows left `moving`/`verifying` are verified again, never assumed complete."""
+        now = self.clock()
+        for row in self.journal.rows(State.MOVING, State.VERIFYING):
+            count = self.dest.count(row.uid)
+            self.journal.transition(row.uid, row.state, Event.RECLAIM, f"count={count}", received=count)
+            flight = Flight(
+                uid=row.uid,
+                study_uid=row.study_uid or "",
+                expected=row.expected,
+                attempt=row.attempts,
+                issued_at=now,
+                baseline=count,
+                job_id=row.job_id,
+                job_ended_at=now,
+                job_succeeded=False,
+                count=count,
+                last_growth_at=now,
+                state=State.VERIFYING,
+            )
+            if row.job_id:
+                status = self.local.job_status(row.job_id)
+                if not status.ended:
+                    flight.job_ended_at = None  # still running in the local Orthanc: keep waiting
+                flight.job_succeeded = status.succeeded
+            self.flights[row.uid] = flight
+            log.info("series.reclaimed", series=short_uid(row.uid), count=count, expected=row.expected)
+
+    # -- retries ----------------------------------------------------------------------
+
+    def _release_retries(self, now: float) -> bool:
+        due = self.journal.due_retries(now)
+        for row in due:
+            self.journal.transition(row.uid, State.WAITING_RETRY, Event.RETRY_DUE)
+        return bool(due)
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.t.backoff_max_s, self.t.backoff_s * (2 ** max(0, attempt - 1)))
+        return base * (0.5 + self.rng.random() / 2)  # jitter: spread retries out
+
+    # -- queries (a small look-ahead before the moves) ---------------------------------
+
+    def _query_ahead(self) -> bool:
+        want = self.t.lookahead + self.throttle.limit - self._queried
+        if want <= 0:
+            return False
+        rows = self.journal.rows(State.PENDING, limit=want)
+        for row in rows:
+            self._query(row)
+        return bool(rows)
+
+    def _query(self, row: SeriesRow) -> None:
+        source = self.cfg.source.modality
+        try:
+            answers = self.local.find_series(source, row.uid, row.study_uid)
+        except Unreachable:
+            raise
+        except OrthancError as exc:
+            self._query_failed(row, f"C-FIND failed: {exc.details or exc.message}")
+            return
+        answer = next((a for a in answers if a.series_uid == row.uid), None)
+        if answer is None:
+            self.journal.transition(row.uid, State.PENDING, Event.NOT_FOUND, reason="not found at source")
+            log.warning("series.not_found", series=short_uid(row.uid))
+            return
+        expected, sop_uids = answer.expected, None
+        if expected is None:
+            sop_uids = self._source_instances(answer.study_uid, row.uid)
+            expected = len(sop_uids) if sop_uids else None
+        have = self.dest.count(row.uid)
+        if expected is not None and have >= expected:
+            self.journal.transition(
+                row.uid, State.PENDING, Event.PRESENT, f"count={have}",
+                study_uid=answer.study_uid, expected=expected, received=have,
+                verified="count", finished_at=self.clock(),
+            )  # fmt: skip
+            log.info("series.present", series=short_uid(row.uid), count=have)
+            return
+        self.journal.transition(
+            row.uid, State.PENDING, Event.QUERIED, f"expected={expected} have={have}",
+            study_uid=answer.study_uid, expected=expected, received=have,
+            sop_uids=sorted(sop_uids) if sop_uids else None,
+        )  # fmt: skip
+        self._queried += 1
+
+    def _source_instances(self, study_uid: str, series_uid: str) -> set[str] | None:
+        """IMAGE-level C-FIND, or None when the source refuses it."""
+        try:
+            return set(self.local.find_instances(self.cfg.source.modality, study_uid, series_uid))
+        except Unreachable:
+            raise
+        except OrthancError as exc:
+            log.info("series.image_query_refused", series=short_uid(series_uid), error=exc.message)
+            return None
+
+    def _query_failed(self, row: SeriesRow, reason: str) -> None:
+        attempts = row.attempts + 1
+        if attempts >= self.t.max_attempts:
+            self.journal.transition(row.uid, State.PENDING, Event.GIVE_UP, reason=reason, attempts=attempts)
+            log.warning("series.failed", series=short_uid(row.uid), reason=reason)
+            return
+        when = self.clock() + self._backoff(attempts)
+        self.journal.transition(
+            row.uid, State.PENDING, Event.SHORT, reason, attempts=attempts, next_attempt_at=when, reason=reason
+        )
+        log.info("series.query_retry", series=short_uid(row.uid), attempt=attempts, error=reason)
+
+    # -- moves ------------------------------------------------------------------------
+
+    def _issue(self) -> bool:
+        issued = False
+        while self._queried > 0 and self.throttle.may_issue(len(self.flights)):
+            rows = self.journal.rows(State.QUERIED, limit=1)
+            if not rows:
+                self._queried = 0
+                break
+            self._start(rows[0])
+            issued = True
+        return issued
+
+    def _missing(self, row: SeriesRow) -> list[str] | None:
+        """SOPInstanceUIDs to move when the destination already holds part of the series."""
+        if row.received <= 0:
+            return None
+        source = set(row.sop_uids) if row.sop_uids else self._source_instances(row.study_uid or "", row.uid)
+        if not source:
+            return None
+        missing = sorted(source - self.dest.sop_uids(row.uid))
+        return missing or None
+
+    def _start(self, row: SeriesRow) -> None:
+        now = self.clock()
+        attempt = row.attempts + 1
+        baseline = self.dest.count(row.uid)
+        subset = self._missing(replace(row, received=baseline))
+        # The move is recorded before it is issued: a crash after this line leaves a
+        # `moving` row that the next run verifies at the destination, never a lost move.
+        self.journal.transition(
+            row.uid, State.QUERIED, Event.ISSUED,
+            f"attempt={attempt}" + (f" instances={len(subset)}" if subset else ""),
+            attempts=attempt, issued_at=now, move_method=self.method, job_id=None,
+            first_issued_at=row.first_issued_at or now,
+        )  # fmt: skip
+        self._queried -= 1
+        self.throttle.issued()
+        flight = Flight(row.uid, row.study_uid or "", row.expected, attempt, now, baseline)
+        flight.count, flight.last_growth_at = baseline, now
+        self.flights[row.uid] = flight
+        try:
+            job = self.local.start_move(
+                self.method, self.cfg.source.modality, self.cfg.destination.aet,
+                row.study_uid or "", row.uid, self.t.move_timeout_s, subset,
+            )  # fmt: skip
+        except Unreachable:
+            raise
+        except OrthancError as exc:
+            self._refused(flight, exc)
+            return
+        flight.job_id = job
+        self.journal.update(row.uid, State.MOVING, job_id=job)
+        log.info(
+            "move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
+            instances=len(subset) if subset else None, job=job,
+        )  # fmt: skip
+
+    def _refused(self, flight: Flight, exc: OrthancError) -> None:
+        status = dimse_from_error(exc)
+        if status == 0xA801:
+            raise DestinationUnknown(
+                f"the source does not know the move destination AE title {self.cfg.destination.aet!r}"
+                " (C-MOVE status 0xA801): add it to the PACS's configuration"
+            )
+        reason = f"move refused: {exc.details or exc.message}"
+        full = status is not None and (status & 0xFF00) == 0xA700
+        self._short(flight, State.MOVING, Decision(Verdict.SHORT, reason=reason, pacs_full=full))
+
+    # -- watching the flights ------------------------------------------------------------
+
+    def _poll_flights(self) -> bool:
+        if not self.flights:
+            return False
+        now = self.clock()
+        changed, self.change_mark = self.dest.changed_since(self.change_mark)
+        progressed = False
+        for flight in list(self.flights.values()):
+            progressed |= self._poll_job(flight, now)
+            if changed or flight.job_ended_at == now or now - flight.counted_at >= RECOUNT_EVERY_S:
+                self._recount(flight, now)
+            state = flight.state
+            decision = judge(
+                Observation(
+                    expected=flight.expected,
+                    needed=flight.expected or 0,
+                    count=flight.count,
+                    issued_at=flight.issued_at,
+                    last_growth_at=flight.last_growth_at,
+                    job_ended_at=flight.job_ended_at,
+                    job_succeeded=flight.job_succeeded,
+                    delivered=flight.count - flight.baseline,
+                    now=now,
+                ),
+                stall_s=self.t.stall_s,
+                deadline_s=self.t.move_timeout_s,
+            )
+            if decision.verdict is Verdict.ARRIVED:
+                self._arrived(flight, state, decision)
+                progressed = True
+            elif decision.verdict is Verdict.SHORT:
+                self._short(flight, state, decision)
+                progressed = True
+        return progressed
+
+    def _poll_job(self, flight: Flight, now: float) -> bool:
+        if flight.job_ended_at is not None or flight.job_id is None:
+            return False
+        status = self.local.job_status(flight.job_id)
+        if not status.ended:
+            return False
+        flight.job_ended_at = now
+        flight.job_succeeded = status.succeeded
+        flight.job_error, flight.job_dimse = status.error, status.dimse_status
+        if status.dimse_status == 0xA801:
+            raise DestinationUnknown(
+                f"the source does not know the move destination AE title {self.cfg.destination.aet!r}"
+                " (C-MOVE status 0xA801): add it to the PACS's configuration"
+            )
+        detail = status.state + (f": {status.error}" if status.error else "")
+        if flight.state is State.MOVING:
+            self.journal.transition(flight.uid, State.MOVING, Event.JOB_ENDED, detail)
+            flight.state = State.VERIFYING
+        log.info("move.ended", series=short_uid(flight.uid), job_state=status.state, dimse=status.dimse_status)
+        return True
+
+    def _recount(self, flight: Flight, now: float) -> None:
+        count = self.dest.count(flight.uid)
+        if count > flight.count:
+            flight.last_growth_at = now
+        flight.count, flight.counted_at = count, now
+
+    def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
+        now = self.clock()
+        row = self.journal.get(flight.uid)
+        seconds = now - (row.first_issued_at or flight.issued_at)
+        self.journal.transition(
+            flight.uid, state, Event.ARRIVED, f"count={flight.count}",
+            received=flight.count, verified=decision.verified, warning=decision.warning,
+            finished_at=now, seconds=seconds, reason=None, next_attempt_at=None,
+        )  # fmt: skip
+        del self.flights[flight.uid]
+        log.info(
+            "series.complete", series=short_uid(flight.uid), received=flight.count,
+            expected=flight.expected, attempt=flight.attempt, seconds=round(seconds, 3),
+            verified=decision.verified,
+        )  # fmt: skip
+        if decision.warning:
+            log.warning("series.more_than_expected", series=short_uid(flight.uid), received=flight.count)
+        change = self.throttle.completed()
+        if change:
+            self._throttle_changed(change)
+
+    def _short(self, flight: Flight, state: State, decision: Decision) -> None:
+        self.flights.pop(flight.uid, None)
+        if flight.job_id and flight.job_ended_at is None:
+            self.local.cancel_job(flight.job_id)
+        reason = decision.reason or "short"
+        if flight.job_error and "refused" not in reason:
+            reason += f"; move job: {flight.job_error}"
+        full = decision.pacs_full or (flight.job_dimse is not None and (flight.job_dimse & 0xFF00) == 0xA700)
+        if full:
+            self._throttle_changed(self.throttle.full("pacs full" if flight.job_dimse else "nothing delivered"))
+        if flight.attempt >= self.t.max_attempts:
+            final = f"{reason} after {flight.attempt} attempts"
+            self.journal.transition(
+                flight.uid, state, Event.GIVE_UP, final, reason=final, received=flight.count
+            )
+            log.warning("series.failed", series=short_uid(flight.uid), reason=final)
+            return
+        when = self.clock() + self._backoff(flight.attempt)
+        self.journal.transition(
+            flight.uid, state, Event.SHORT, reason,
+            reason=reason, received=flight.count, next_attempt_at=when,
+        )  # fmt: skip
+        log.info(
+            "series.short", series=short_uid(flight.uid), received=flight.count,
+            expected=flight.expected, attempt=flight.attempt, retry_in=round(when - self.clock(), 1),
+        )  # fmt: skip
+
+    def _throttle_changed(self, change: dict[str, Any]) -> None:
+        self.journal.record("throttle", change)
+        log.info("throttle.changed", **change)
+
+
+def stopped_error(result: RunResult) -> Stopped:
+    return Stopped(f"stopped with work left: {result.stop_reason}")

@@ -1,0 +1,168 @@
+"""The main job, as plain Python: connect, plan, run, report. `cli.py` only wraps it."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .batch import BatchRow, read_batch
+from .config import Config
+from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable
+from .journal import Journal, file_digest
+from .orthanc import Destination, LocalOrthanc
+from .report import build_report, write_report
+from .scheduler import RunResult, Scheduler, StopFlag
+
+log = structlog.get_logger("dicom_transfer")
+
+START_DEADLINE_S = 10.0  # how long a party may take to answer at start before exit 2
+
+
+class PartyUnreachable(DicomTransferError):
+    """A party did not answer at start: nothing was changed (exit 2)."""
+
+    exit_code = 2
+
+
+@dataclass
+class Outcome:
+    report: dict[str, Any]
+    result: RunResult
+    journal_path: Path
+    report_path: Path | None
+
+    @property
+    def exit_code(self) -> int:
+        if self.result.stopped:
+            return 3
+        return 1 if self.report["summary"]["failed"] else 0
+
+
+def default_journal(batch: Path) -> Path:
+    """`<batch>.journal.sqlite` beside the batch (series.csv → series.journal.sqlite)."""
+    return batch.with_name(f"{batch.stem}.journal.sqlite")
+
+
+def connect(cfg: Config, *, deadline_s: float = START_DEADLINE_S) -> tuple[LocalOrthanc, Destination]:
+    """Open both REST ends and check at once that they answer and know the source."""
+    local = LocalOrthanc(
+        cfg.local.url, cfg.local.username, cfg.local.password,
+        retry_deadline_s=deadline_s, name="local Orthanc",
+    )  # fmt: skip
+    dest = Destination(
+        cfg.destination_url(), cfg.destination.username or cfg.local.username,
+        cfg.destination.password if cfg.destination.url else cfg.local.password,
+        retry_deadline_s=deadline_s, name="destination Orthanc",
+    )  # fmt: skip
+    for party, key in ((local, "local.url"), (dest, "destination.url")):
+        try:
+            party.system()
+        except Unreachable as exc:
+            raise PartyUnreachable(f"{key}: {party.name} at {party.url} does not answer ({exc.message})") from exc
+        except OrthancError as exc:
+            raise PartyUnreachable(f"{key}: {party.name} at {party.url}: {exc}") from exc
+    _ensure_source(cfg, local)
+    # From here on a party may be slow or restart: give it the run-time retry deadline.
+    local.retry_deadline_s = dest.retry_deadline_s = cfg.transfer.move_timeout_s
+    return local, dest
+
+
+def _ensure_source(cfg: Config, local: LocalOrthanc) -> None:
+    src = cfg.source
+    if src.aet and src.host and src.port:
+        local.register_modality(src.modality, src.aet, src.host, src.port)
+        return
+    known = local.modalities()
+    if src.modality not in known:
+        raise ConfigError(
+            "source.modality",
+            f"{src.modality!r} is not a DICOM modality of the local Orthanc at {local.url}"
+            f" (it knows: {', '.join(known) or 'none'}); add it there or give source.aet/host/port",
+        )
+
+
+def plan(journal: Journal, batch: Path, rows: list[BatchRow], cfg: Config, local: LocalOrthanc) -> int:
+    """Every batch row into the journal before the first move, in batch order.
+
+    Study rows become their series (SERIES-level C-FIND, filters applied) here; the
+    expansion is stored, so a re-run neither re-queries nor re-orders.
+    """
+    digest = file_digest(batch)
+    if journal.planned and journal.meta("batch_sha256") == digest:
+        return 0
+    planned: list[tuple[str, str | None, str | None, int | None]] = []
+    for row in rows:
+        if row.series_uid:
+            planned.append((row.series_uid, row.study_uid, row.patient_id, row.line))
+            continue
+        for answer in local.find_series(cfg.source.modality, None, row.study_uid):
+            if cfg.filter.accepts(answer.modality, answer.description):
+                planned.append((answer.series_uid, answer.study_uid, row.patient_id, row.line))
+    n = journal.plan(planned, batch)
+    journal.set_meta("batch_sha256", digest)
+    log.info("batch.planned", rows=len(rows), series=len(planned), new=n)
+    return n
+
+
+@contextmanager
+def _signals(stop: StopFlag) -> Iterator[None]:
+    """SIGINT/SIGTERM: stop issuing and return (exit 3); the same command resumes."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_batch(
+    cfg: Config,
+    batch: Path,
+    *,
+    journal_path: Path | None = None,
+    report_path: Path | None = None,
+    until_window_end: bool = False,
+    show_phi: bool = False,
+    on_progress: Callable[[dict[str, int]], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Outcome:
+    """The main job. Bad input raises before anything is written."""
+    rows = read_batch(batch)
+    journal_path = journal_path or default_journal(batch)
+    local, dest = connect(cfg)
+    started = clock()
+    journal = Journal(journal_path, clock=clock)
+    try:
+        plan(journal, batch, rows, cfg, local)
+        stop = StopFlag()
+        scheduler = Scheduler(
+            cfg, journal, local, dest,
+            clock=clock, until_window_end=until_window_end, stop=stop, on_progress=on_progress,
+        )  # fmt: skip
+        with _signals(stop):
+            try:
+                result = scheduler.run()
+            except Unreachable as exc:
+                log.error("run.party_gone", error=str(exc))
+                result = RunResult(True, f"a party stopped answering: {exc}")
+        report = build_report(journal, str(batch), started, clock(), show_phi=show_phi)
+        if result.stopped:
+            report["stopped"] = result.stop_reason
+        if report_path is not None:
+            write_report(report, report_path)
+        return Outcome(report, result, journal_path, report_path)
+    finally:
+        journal.close()
+        local.close()
+        dest.close()

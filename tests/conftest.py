@@ -1,0 +1,76 @@
+"""Shared fixtures: real Orthanc stacks per session (per xdist worker), wiped per test.
+
+There is deliberately no skip when Orthanc is missing: the fixtures fail with
+`StackError` and the install hint, so a CI without Orthanc cannot pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # the package need not be pip-installed to be tested
+    sys.path.insert(0, str(REPO_ROOT))
+
+from dicom_transfer.stack import Stack, start_stack  # noqa: E402
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `python main.py ARGS...` (the repo's main.py, from `cwd` or the repo root)."""
+    full_env = {**os.environ, "TCP_NODELAY": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "main.py"), *map(str, args)],
+        cwd=cwd or REPO_ROOT,
+        env=full_env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """`run_cli` as a fixture, for tests that prefer not to import from conftest."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def stack_same(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """PACS (HOSPITAL) and local Orthanc (CENTRE), which is also the destination."""
+    with start_stack(tmp_path_factory.mktemp("stack-same"), "same") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def stack_separate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """PACS (HOSPITAL), local Orthanc (CENTRE, SCU only) and destination (DEST)."""
+    with start_stack(tmp_path_factory.mktemp("stack-separate"), "separate") as stack:
+        yield stack
+
+
+@pytest.fixture
+def same(stack_same: Stack) -> Stack:
+    """The "same" stack, empty: dead Orthancs restarted, modalities restored, data wiped."""
+    stack_same.reset()
+    return stack_same
+
+
+@pytest.fixture
+def separate(stack_separate: Stack) -> Stack:
+    """The "separate" stack, empty: dead Orthancs restarted, modalities restored, data wiped."""
+    stack_separate.reset()
+    return stack_separate
