@@ -24,7 +24,7 @@ from .journal import Journal
 from .report import status as status_of
 
 app = typer.Typer(add_completion=False, help="Verified, throttled, resumable C-MOVE of DICOM series through Orthanc.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 PROGRESS_EVERY_S = 10.0
 
 
@@ -53,6 +53,7 @@ def main_command(
     show_phi: bool = typer.Option(False, "--show-phi", help="Include PatientID in reports."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
     log_file: Path | None = typer.Option(None, "--log-file", help="Also write JSON-lines logs here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every series event, also on a terminal."),
 ) -> None:
     """Run a batch: `python main.py --batch series.csv`. Re-running the same command resumes."""
     if ctx.invoked_subcommand is not None:
@@ -63,7 +64,8 @@ def main_command(
     if batch is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
-    logs.configure(quiet=quiet or json_out, log_file=log_file)
+    # On a terminal the progress bar tells the story; per-series lines only with --verbose.
+    logs.configure(quiet=quiet or json_out or (sys.stderr.isatty() and not verbose), log_file=log_file)
     from .transfer import run_batch
 
     try:
@@ -191,7 +193,7 @@ def demo(
     """Start a hospital PACS and a centre Orthanc on loopback, fill the PACS, transfer, verify."""
     from .demo import run_demo
 
-    logs.configure()
+    logs.configure(quiet=True)
     try:
         code = run_demo(workdir, n_series=series, n_instances=instances, console=err)
     except DicomTransferError as exc:

@@ -11,9 +11,9 @@ def check_parties(cfg: Config) -> list[tuple[str, bool, str]]:
     """(party, ok, detail) for each party; never raises for an unreachable party."""
     results: list[tuple[str, bool, str]] = []
     local = LocalOrthanc(cfg.local.url, cfg.local.username, cfg.local.password, retry_deadline_s=3, name="local")
+    user, password = cfg.destination_auth() or (None, None)
     dest = Destination(
-        cfg.destination_url(), cfg.destination.username or cfg.local.username,
-        cfg.destination.password if cfg.destination.url else cfg.local.password,
+        cfg.destination_url(), user, password,
         retry_deadline_s=3, name="destination",
     )  # fmt: skip
     try:

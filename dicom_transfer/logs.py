@@ -14,9 +14,14 @@ from typing import Any
 import structlog
 
 
+def _drop_none(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if v is not None}
+
+
 def configure(*, quiet: bool = False, verbose: bool = False, log_file: Path | None = None) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     processors: list[Any] = [
+        _drop_none,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

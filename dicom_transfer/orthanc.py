@@ -20,7 +20,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from .errors import MoveRefused, OrthancError, TransientOrthancError, Unreachable
@@ -106,7 +106,7 @@ class OrthancRest:
         retrying = Retrying(
             retry=retry_if_exception(retryable),
             stop=stop_after_delay(self.retry_deadline_s),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
             reraise=True,
         )
         try:

@@ -161,6 +161,7 @@ class OrthancProcess:
     config_path: Path
     command: list[str]
     modalities: Modalities = field(default_factory=dict)
+    _signalled: bool = field(default=False, init=False, repr=False)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -169,8 +170,13 @@ class OrthancProcess:
         return self.proc.poll() is None
 
     def terminate(self) -> None:
-        """Send SIGTERM without waiting (lets a stack stop its Orthancs in parallel)."""
-        if self.running:
+        """Send SIGTERM once, without waiting (lets a stack stop its Orthancs in parallel).
+
+        Once. Orthanc restores the default handlers when its shutdown begins, so a second
+        SIGTERM would kill it halfway through the orderly stop.
+        """
+        if self.running and not self._signalled:
+            self._signalled = True
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 10) -> None:
@@ -194,6 +200,7 @@ class OrthancProcess:
         """Stop (if running) and start again with the same config, ports and storage."""
         self.stop()
         self.proc = _popen(self.command, self.config_path, self.log_path)
+        self._signalled = False
         _remember(self)
         try:
             self.wait_ready(ready_timeout_s)
@@ -408,9 +415,13 @@ class Stack:
     def destination_aet(self) -> str:
         return self.destination.spec.aet
 
-    def stop(self) -> None:
-        """Stop every Orthanc of the stack (in parallel); safe to call twice."""
-        _stop_all(self.processes)
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop every Orthanc of the stack in parallel (~3 s); safe to call twice.
+
+        `kill=True` sends SIGKILL instead of an orderly shutdown: instant, for throw-away
+        stacks such as the tests' session fixtures.
+        """
+        _stop_all(self.processes, kill=kill)
 
     def wipe(self) -> None:
         """Delete every patient on every Orthanc of the stack."""

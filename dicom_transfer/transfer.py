@@ -56,9 +56,9 @@ def connect(cfg: Config, *, deadline_s: float = START_DEADLINE_S) -> tuple[Local
         cfg.local.url, cfg.local.username, cfg.local.password,
         retry_deadline_s=deadline_s, name="local Orthanc",
     )  # fmt: skip
+    user, password = cfg.destination_auth() or (None, None)
     dest = Destination(
-        cfg.destination_url(), cfg.destination.username or cfg.local.username,
-        cfg.destination.password if cfg.destination.url else cfg.local.password,
+        cfg.destination_url(), user, password,
         retry_deadline_s=deadline_s, name="destination Orthanc",
     )  # fmt: skip
     for party, key in ((local, "local.url"), (dest, "destination.url")):

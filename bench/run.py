@@ -1,0 +1,515 @@
+"""Benchmark: a bare loop of blocking C-MOVEs (a) against our verified sequential run (b).
+
+    .venv/bin/python bench/run.py [--series 20 --instances 50] [--orthanc host|new|both] [--repeat 3]
+
+On one loopback stack per Orthanc version (PACS = HOSPITAL, centre = CENTRE = destination,
+topology "same"), with the same synthetic series uploaded once to the PACS:
+
+(a) baseline: `POST /modalities/PACS/move` (Series level, no `Asynchronous`: it blocks until
+    the PACS's final C-MOVE response), one series after the other, through `OrthancRest`
+    (the same HTTP client the tool uses), no verification at all;
+(b) `run_batch(cfg, batch, journal_path=<fresh>)` in-process with transfer.max_in_flight 1;
+    and the same as a subprocess `python main.py --batch ... --config ... --json`
+    (start-up included, reported separately).
+
+The centre is wiped (never the PACS) before every run and its instance count is checked
+after every run. The order a/b/cli is reversed on every other repeat; medians are shown.
+Then (b) runs once more with a few zero-cost counters and timers (per REST endpoint,
+scheduler sleeps, journal methods, per-series timeline from the journal and Orthanc's own
+job times), and once under cProfile: bench/out/profile.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime as dt
+import io
+import json
+import os
+import pstats
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from dicom_transfer import logs, transfer  # noqa: E402
+from dicom_transfer.config import Config, load_config  # noqa: E402
+from dicom_transfer.journal import Journal  # noqa: E402
+from dicom_transfer.orthanc import Destination, LocalOrthanc, OrthancRest  # noqa: E402
+from dicom_transfer.scheduler import Scheduler  # noqa: E402
+from dicom_transfer.stack import Stack, start_stack  # noqa: E402
+from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv  # noqa: E402
+
+OUT = REPO / "bench" / "out"
+NEW_ORTHANC = ["bash", str(REPO / ".ci" / "orthanc-new"), "exec", "/usr/sbin/Orthanc"]
+TARGET_RATIO = 0.95
+
+
+# ---------------------------------------------------------------------------------------
+# (a) the baseline
+
+
+def run_baseline(stack: Stack, series: list[SyntheticSeries]) -> tuple[float, list[float], int]:
+    """Blocking moves, one after the other; returns (seconds, per-move seconds, REST calls)."""
+    t0 = time.perf_counter()
+    rest = OrthancRest(stack.centre.url, name="baseline", timeout_s=600.0)
+    per_move = []
+    try:
+        for s in series:
+            t = time.perf_counter()
+            body = {
+                "Level": "Series",
+                "Resources": [{"StudyInstanceUID": s.study_uid, "SeriesInstanceUID": s.series_uid}],
+                "TargetAet": "CENTRE",
+            }
+            rest.post("/modalities/PACS/move", body, idempotent=False)
+            per_move.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t0
+        return elapsed, per_move, rest.calls
+    finally:
+        rest.close()
+
+
+# ---------------------------------------------------------------------------------------
+# (b) our verified run: capture the clients and the journal run_batch makes (no per-call cost)
+
+
+@dataclass
+class Captured:
+    rest: list[OrthancRest] = field(default_factory=list)
+    journals: list[Journal] = field(default_factory=list)
+    schedulers: list[Scheduler] = field(default_factory=list)
+
+    @property
+    def calls(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for client in self.rest:
+            out[client.name] += client.calls
+        return dict(out)
+
+    @property
+    def writes(self) -> int:
+        return sum(j.writes for j in self.journals)
+
+
+@contextlib.contextmanager
+def capture(wrap_sleep: Callable[[float], None] | None = None) -> Iterator[Captured]:
+    """Swap transfer's LocalOrthanc/Destination/Journal/Scheduler for recording subclasses."""
+    got = Captured()
+
+    class CLocal(LocalOrthanc):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            got.rest.append(self)
+
+    class CDest(Destination):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            got.rest.append(self)
+
+    class CJournal(Journal):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            got.journals.append(self)
+
+    class CScheduler(Scheduler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            if wrap_sleep is not None:
+                kw["sleep"] = wrap_sleep
+            super().__init__(*a, **kw)
+            got.schedulers.append(self)
+
+    saved = {n: getattr(transfer, n) for n in ("LocalOrthanc", "Destination", "Journal", "Scheduler")}
+    transfer.LocalOrthanc, transfer.Destination = CLocal, CDest  # type: ignore[misc]
+    transfer.Journal, transfer.Scheduler = CJournal, CScheduler  # type: ignore[misc]
+    try:
+        yield got
+    finally:
+        for name, value in saved.items():
+            setattr(transfer, name, value)
+
+
+def run_ours(
+    cfg: Config, batch: Path, journal: Path, n: int, wrap_sleep: Callable[[float], None] | None = None
+) -> tuple[float, Captured]:
+    _fresh(journal)
+    with capture(wrap_sleep) as got:
+        t0 = time.perf_counter()
+        outcome = transfer.run_batch(cfg, batch, journal_path=journal)
+        elapsed = time.perf_counter() - t0
+    s = outcome.report["summary"]
+    if outcome.exit_code != 0 or s["complete"] != n:
+        raise SystemExit(f"(b) did not complete: exit {outcome.exit_code}, summary {s}")
+    return elapsed, got
+
+
+def run_cli(config: Path, batch: Path, journal: Path, n: int) -> float:
+    _fresh(journal)
+    cmd = [sys.executable, str(REPO / "main.py"), "--batch", str(batch), "--config", str(config),
+           "--journal", str(journal), "--json"]  # fmt: skip
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"(b, CLI) exit {proc.returncode}:\n{proc.stderr[-2000:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    if summary["complete"] != n:
+        raise SystemExit(f"(b, CLI) did not complete: {summary}")
+    return elapsed
+
+
+def _fresh(journal: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{journal}{suffix}").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The instrumented run: where does (b) spend its wall-clock time?
+
+_ID = re.compile(r"^(?:[0-9a-f]{8}(?:-[0-9a-f]{4,8}){3,4}|[0-9a-f-]{20,}|\d+)$")
+
+
+def endpoint(method: str, path: str) -> str:
+    return method + " " + "/".join("{id}" if _ID.match(p) else p for p in path.split("/"))
+
+
+@dataclass
+class Timers:
+    rest: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    sleeps: list[float] = field(default_factory=list)
+    journal: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    sleep: Callable[[float], None] | None = None  # the timed sleep to hand to the Scheduler
+
+
+@contextlib.contextmanager
+def instrument() -> Iterator[Timers]:
+    timers = Timers()
+    orig_once = OrthancRest._once
+
+    def once(self: OrthancRest, method: str, path: str, *a: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig_once(self, method, path, *a)
+        finally:
+            timers.rest[(self.name, endpoint(method, path))].append(time.perf_counter() - t)
+
+    def sleep(s: float) -> None:
+        t = time.perf_counter()
+        time.sleep(s)
+        timers.sleeps.append(time.perf_counter() - t)
+
+    names = ("plan", "transition", "update", "record", "get", "rows", "due_retries", "next_retry_at",
+             "counts", "totals", "iter_rows", "meta", "set_meta", "__init__", "close")  # fmt: skip
+    saved = {n: getattr(Journal, n) for n in names}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers.journal[name].append(time.perf_counter() - t)
+
+        return wrapper
+
+    timers.sleep = sleep
+    OrthancRest._once = once  # type: ignore[method-assign]
+    for n, fn in saved.items():
+        setattr(Journal, n, timed(n, fn))
+    try:
+        yield timers
+    finally:
+        OrthancRest._once = orig_once  # type: ignore[method-assign]
+        for n, fn in saved.items():
+            setattr(Journal, n, fn)
+
+
+def _orthanc_time(text: str | None) -> float | None:
+    """Orthanc's job times ('20250101T120000.123456', UTC) as a Unix timestamp."""
+    if not text:
+        return None
+    try:
+        return dt.datetime.strptime(text, "%Y%m%dT%H%M%S.%f").replace(tzinfo=dt.timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+def timeline(journal: Path, centre: OrthancRest) -> dict[str, list[float]]:
+    """Per-series phases from the journal's events and Orthanc's job records (seconds)."""
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        events = db.execute("SELECT at, uid, event FROM events WHERE uid IS NOT NULL ORDER BY id").fetchall()
+        jobs = dict(db.execute("SELECT uid, job_id FROM series"))
+        order = [r[0] for r in db.execute("SELECT uid FROM series ORDER BY seq")]
+    finally:
+        db.close()
+    at: dict[str, dict[str, float]] = defaultdict(dict)
+    for when, uid, event in events:
+        at[uid].setdefault(event, when)
+    out: dict[str, list[float]] = defaultdict(list)
+    prev_arrived = None
+    for uid in order:
+        e = at[uid]
+        issued, arrived = e.get("issued"), e.get("arrived")
+        if issued is None or arrived is None:
+            continue
+        out["issued -> complete (journal)"].append(arrived - issued)
+        if prev_arrived is not None:
+            out["complete(n-1) -> issued(n)"].append(issued - prev_arrived)
+        prev_arrived = arrived
+        if "job_ended" in e:
+            out["issued -> job_ended seen"].append(e["job_ended"] - issued)
+            out["job_ended seen -> complete"].append(arrived - e["job_ended"])
+        job_id = jobs.get(uid)
+        if not job_id:
+            continue
+        try:
+            job = centre.get(f"/jobs/{job_id}")
+        except Exception:  # noqa: BLE001 - history may have dropped it
+            continue
+        created, completed = _orthanc_time(job.get("CreationTime")), _orthanc_time(job.get("CompletionTime"))
+        if created and completed:
+            out["job created -> completed (Orthanc)"].append(completed - created)
+            out["issued -> job created"].append(created - issued)
+            out["job completed -> complete (journal)"].append(arrived - completed)
+            if "job_ended" in e:
+                out["job completed -> job_ended seen"].append(e["job_ended"] - completed)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# One Orthanc version
+
+
+@dataclass
+class Result:
+    label: str
+    version: str
+    n: int
+    k: int
+    a: list[float] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    cli: list[float] = field(default_factory=list)
+    a_moves: list[float] = field(default_factory=list)
+    calls: list[dict[str, int]] = field(default_factory=list)
+    writes: list[int] = field(default_factory=list)
+    method: str = ""
+    breakdown: str = ""
+
+
+def centre_instances(stack: Stack) -> int:
+    return int(stack.centre.rest.get("/statistics")["CountInstances"])
+
+
+def wipe_centre(stack: Stack) -> None:
+    stack.centre.wipe()
+    if centre_instances(stack):
+        raise SystemExit("centre not empty after wipe")
+
+
+def bench_version(label: str, args: argparse.Namespace, profile_out: list[str]) -> Result:
+    command = NEW_ORTHANC if label == "new" else None
+    if command is not None:
+        subprocess.run(["bash", str(REPO / ".ci" / "orthanc-new"), "build"], check=True, capture_output=True)
+    work = OUT / label
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    n, k = args.series, args.instances
+    series = make_series(n, k, seed=args.seed)
+    batch = write_batch_csv(series, work / "batch.csv")
+    journal = work / "journal.sqlite"
+
+    with start_stack(work / "stack", "same", pacs_command=command, centre_command=command) as stack:
+        version = stack.centre.rest.system()["Version"]
+        pacs_version = stack.pacs.rest.system()["Version"]
+        if pacs_version != version:
+            version = f"{version} (pacs {pacs_version})"
+        upload(stack.pacs.rest, series)
+        config = work / "transfer.yaml"
+        config.write_text(
+            f"local: {{url: {stack.centre.url}}}\n"
+            "source: {modality: PACS}\n"
+            "destination: {aet: CENTRE}\n"
+            "transfer: {max_in_flight: 1}\n"
+        )
+        cfg = load_config(config, overrides={"transfer.max_in_flight": 1})
+        res = Result(label, version, n, k)
+        total = n * k
+
+        def do(kind: str, timed: bool) -> None:
+            wipe_centre(stack)
+            if kind == "a":
+                t, moves, _ = run_baseline(stack, series)
+                if timed:
+                    res.a.append(t)
+                    res.a_moves.extend(moves)
+            elif kind == "b":
+                t, got = run_ours(cfg, batch, journal, n)
+                if timed:
+                    res.b.append(t)
+                    res.calls.append(got.calls)
+                    res.writes.append(got.writes)
+                    res.method = got.schedulers[0].method
+            else:
+                t = run_cli(config, batch, journal, n)
+                if timed:
+                    res.cli.append(t)
+            held = centre_instances(stack)
+            if held != total:
+                raise SystemExit(f"({kind}) centre holds {held} instances, expected {total}")
+            print(f"  [{label}] {'run ' if timed else 'warm-up '}{kind:<3} {t:7.3f} s", file=sys.stderr)
+
+        for _ in range(args.warmup):
+            for kind in ("a", "b", "cli"):
+                do(kind, timed=False)
+        for r in range(args.repeat):
+            for kind in ("a", "b", "cli") if r % 2 == 0 else ("cli", "b", "a"):
+                do(kind, timed=True)
+
+        # Instrumented (b): wall time by REST endpoint, sleeps, journal; per-series timeline.
+        wipe_centre(stack)
+        with instrument() as timers:
+            t_inst, _ = run_ours(cfg, batch, journal, n, timers.sleep)
+        phases = timeline(journal, stack.centre.rest)
+        res.breakdown = breakdown_text(res, timers, phases, t_inst)
+
+        # Profiled (b).
+        wipe_centre(stack)
+        prof = cProfile.Profile()
+        prof.enable()
+        t_prof, _ = run_ours(cfg, batch, journal, n)
+        prof.disable()
+        profile_out.append(profile_text(res, prof, t_prof))
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(results: list[Result]) -> str:
+    head = (f"{'orthanc':<22} {'series×inst':>11} {'a (s)':>7} {'b in-proc (s)':>13} {'b CLI (s)':>9} "
+            f"{'a/b':>6} {'a/b CLI':>7} {'inst/s a':>9} {'inst/s b':>9} {'inst/s CLI':>10} {'b path':>12}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in results:
+        a, b, c = med(r.a), med(r.b), med(r.cli)
+        total = r.n * r.k
+        flag = "" if a / b >= TARGET_RATIO else " <"
+        lines.append(
+            f"{r.version:<22} {f'{r.n}×{r.k}':>11} {a:7.3f} {b:13.3f} {c:9.3f} "
+            f"{a / b:6.3f} {a / c:7.3f} {total / a:9.0f} {total / b:9.0f} {total / c:10.0f} {r.method:>12}{flag}"
+        )
+    lines.append(f"(medians; target a/b >= {TARGET_RATIO}; '<' marks a miss)")
+    for r in results:
+        lines.append(
+            f"runs {r.label}: a {fmt(r.a)} | b {fmt(r.b)} | cli {fmt(r.cli)}"
+        )
+    return "\n".join(lines)
+
+
+def fmt(xs: list[float]) -> str:
+    return " ".join(f"{x:.3f}" for x in xs)
+
+
+def breakdown_text(r: Result, timers: Timers, phases: dict[str, list[float]], t_inst: float) -> str:
+    n = r.n
+    lines = [f"== (b) per-series overhead, Orthanc {r.version}, {n}×{r.k}, move path {r.method} =="]
+    calls = defaultdict(list)
+    for c in r.calls:
+        for name, v in c.items():
+            calls[name].append(v)
+    total_calls = [sum(c.values()) for c in r.calls]
+    lines.append(
+        "timed runs (median): REST calls/series "
+        + ", ".join(f"{name} {med(v) / n:.1f}" for name, v in sorted(calls.items()))
+        + f", total {med(total_calls) / n:.1f}; journal writes/series {med(r.writes) / n:.1f}"
+    )
+    a_per = med(r.a) / n
+    b_per = med(r.b) / n
+    lines.append(
+        f"per series: a {a_per * 1000:.1f} ms (median single blocking move {med(r.a_moves) * 1000:.1f} ms), "
+        f"b {b_per * 1000:.1f} ms, extra {(b_per - a_per) * 1000:+.1f} ms"
+    )
+    lines.append(f"instrumented run: {t_inst:.3f} s ({t_inst / n * 1000:.1f} ms/series; counters add a little)")
+    lines.append(f"  {'REST endpoint (client)':<58} {'calls/series':>12} {'ms/call':>8} {'ms/series':>10}")
+    rest_total = 0.0
+    for (client, ep), ts in sorted(timers.rest.items(), key=lambda kv: -sum(kv[1])):
+        rest_total += sum(ts)
+        lines.append(
+            f"  {ep + ' (' + client + ')':<58} {len(ts) / n:12.2f} {sum(ts) / len(ts) * 1000:8.2f} "
+            f"{sum(ts) / n * 1000:10.2f}"
+        )
+    sleeps = timers.sleeps
+    journal_total = sum(sum(v) for v in timers.journal.values())
+    lines.append(f"  {'all REST (blocking, the move itself included)':<58} {'':>12} {'':>8} {rest_total / n * 1000:10.2f}")
+    lines.append(
+        f"  {'scheduler sleeps (poll_s)':<58} {len(sleeps) / n:12.2f} "
+        f"{(sum(sleeps) / len(sleeps) * 1000 if sleeps else 0):8.2f} {sum(sleeps) / n * 1000:10.2f}"
+    )
+    lines.append(f"  {'journal (SQLite) methods':<58} {'':>12} {'':>8} {journal_total / n * 1000:10.2f}")
+    for name, ts in sorted(timers.journal.items(), key=lambda kv: -sum(kv[1]))[:6]:
+        lines.append(f"    {'Journal.' + name:<56} {len(ts) / n:12.2f} {sum(ts) / len(ts) * 1000:8.3f} {sum(ts) / n * 1000:10.2f}")
+    other = t_inst - rest_total - sum(sleeps) - journal_total
+    lines.append(f"  {'everything else (Python, logging, start-up)':<58} {'':>12} {'':>8} {other / n * 1000:10.2f}")
+    if phases:
+        lines.append(f"  {'per-series timeline (median ms)':<58}")
+        for name, xs in phases.items():
+            lines.append(f"    {name:<56} {med(xs) * 1000:10.1f}   (min {min(xs) * 1000:.1f}, max {max(xs) * 1000:.1f})")
+    return "\n".join(lines)
+
+
+def profile_text(r: Result, prof: cProfile.Profile, t: float) -> str:
+    buf = io.StringIO()
+    buf.write(f"==== cProfile of (b) in-process, Orthanc {r.version}, {r.n}×{r.k}, {t:.3f} s under the profiler ====\n")
+    buf.write("\n-- top 15 by cumulative time, dicom_transfer/* only --\n")
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(r"dicom_transfer/", 15)
+    buf.write("\n-- top 25 by tottime, overall --\n")
+    stats.sort_stats("tottime").print_stats(25)
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--series", type=int, default=20)
+    parser.add_argument("--instances", type=int, default=50)
+    parser.add_argument("--orthanc", choices=("host", "new", "both"), default="host")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of a, b and cli first")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    os.environ["TCP_NODELAY"] = "1"  # the stack sets it for Orthanc; harmless here
+    logs.configure(quiet=True)  # as `main.py --json`: warnings only
+    OUT.mkdir(parents=True, exist_ok=True)
+    labels = ["host", "new"] if args.orthanc == "both" else [args.orthanc]
+    results, profiles = [], []
+    for label in labels:
+        results.append(bench_version(label, args, profiles))
+    text = table(results) + "\n\n" + "\n\n".join(r.breakdown for r in results) + "\n"
+    print(text)
+    (OUT / "results.txt").write_text(text)
+    (OUT / "profile.txt").write_text("\n\n".join(profiles))
+    print(f"profile: {OUT / 'profile.txt'}")
+
+
+if __name__ == "__main__":
+    main()
