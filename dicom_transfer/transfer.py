@@ -138,6 +138,9 @@ def run_batch(
     clock: Callable[[], float] = time.time,
 ) -> Outcome:
     """The main job. Bad input raises before anything is written."""
+    for key in ("export", "tags", "anonymize"):
+        if getattr(cfg, key) is not None:
+            raise ConfigError(key, "this post-arrival step is not available in this version; set it to null")
     rows = read_batch(batch)
     journal_path = journal_path or default_journal(batch)
     local, dest = connect(cfg)

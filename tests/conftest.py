@@ -80,3 +80,36 @@ def separate(stack_separate: Stack) -> Stack:
     """The "separate" stack, empty: dead Orthancs restarted, modalities restored, data wiped."""
     stack_separate.reset()
     return stack_separate
+
+
+def _new_orthanc_command() -> list[str]:
+    """The wrapper that runs a real Orthanc ≥ 1.12 from a Debian 13 tree (.ci/orthanc-new)."""
+    build = subprocess.run(
+        ["bash", str(REPO_ROOT / ".ci" / "orthanc-new"), "build"], capture_output=True, text=True, check=False
+    )
+    if build.returncode != 0:
+        reason = (build.stderr.strip().splitlines() or ["unknown"])[-1]
+        if os.environ.get("CI"):
+            pytest.fail(f"newer Orthanc could not be built in CI: {reason}")
+        pytest.skip(f"newer Orthanc unavailable here: {reason}")
+    return ["bash", str(REPO_ROOT / ".ci" / "orthanc-new"), "exec", "/usr/sbin/Orthanc"]
+
+
+@pytest.fixture(scope="session")
+def stack_new(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """PACS and local Orthanc both Orthanc ≥ 1.12 (asynchronous move jobs)."""
+    command = _new_orthanc_command()
+    stack = start_stack(
+        tmp_path_factory.mktemp("stack-new"), "same", pacs_command=command, centre_command=command
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop(kill=True)
+
+
+@pytest.fixture
+def new(stack_new: Stack) -> Stack:
+    """The newer-Orthanc stack, empty."""
+    stack_new.reset()
+    return stack_new
