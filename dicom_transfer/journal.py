@@ -180,11 +180,7 @@ class Journal:
         """
         new = next_state(state, event)
         now = self.clock()
-        if "sop_uids" in fields and fields["sop_uids"] is not None:
-            fields["sop_uids"] = json.dumps(list(fields["sop_uids"]))
-        for key in fields:
-            if key not in _COLUMNS or key in ("seq", "uid", "state", "updated_at"):
-                raise ValueError(f"not a settable journal column: {key}")
+        fields = self._columns(fields)
         sets = "".join(f", {k}=?" for k in fields)
         with self._tx():
             cur = self.db.execute(
@@ -200,8 +196,19 @@ class Journal:
         self.writes += 1
         return new
 
+    @staticmethod
+    def _columns(fields: dict[str, Any]) -> dict[str, Any]:
+        """Only real, settable columns reach the SQL; sop_uids are stored as JSON."""
+        for key in fields:
+            if key not in _COLUMNS or key in ("seq", "uid", "state", "updated_at"):
+                raise ValueError(f"not a settable journal column: {key}")
+        if fields.get("sop_uids") is not None:
+            fields = {**fields, "sop_uids": json.dumps(list(fields["sop_uids"]))}
+        return fields
+
     def update(self, uid: str, state: State, **fields: Any) -> None:
         """Change fields of a row without changing its state (guarded by its state)."""
+        fields = self._columns(fields)
         sets = ", ".join(f"{k}=?" for k in fields)
         cur = self.db.execute(
             f"UPDATE series SET {sets}, updated_at=? WHERE uid=? AND state=?",

@@ -26,10 +26,27 @@ class Window:
 
     def _span(self, day: date) -> tuple[float, float]:
         """Epoch seconds of the window that starts on `day` (local), wall-clock times."""
-        opens = datetime.combine(day, self.start, tzinfo=self.tz)
         end_day = day if self.end > self.start else day + timedelta(days=1)
-        closes = datetime.combine(end_day, self.end, tzinfo=self.tz)
-        return opens.timestamp(), closes.timestamp()
+        return self._instant(day, self.start), self._instant(end_day, self.end)
+
+    def _instant(self, day: date, wall: time) -> float:
+        """When the local clock first reads `wall` or later on `day`.
+
+        A wall time skipped by a spring DST change maps to the jump itself; a repeated one
+        (autumn) to its first occurrence.
+        """
+        naive = datetime.combine(day, wall)
+        t0 = naive.replace(tzinfo=self.tz).timestamp()  # fold=0
+        if datetime.fromtimestamp(t0, self.tz).replace(tzinfo=None) == naive:
+            return t0
+        lo, hi = int(naive.replace(tzinfo=self.tz, fold=1).timestamp()), int(t0)  # the jump is in (lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if datetime.fromtimestamp(mid, self.tz).replace(tzinfo=None) >= naive:
+                hi = mid
+            else:
+                lo = mid + 1
+        return float(lo)
 
     def _spans_near(self, now: float, ahead_days: int = 8) -> list[tuple[float, float]]:
         today = datetime.fromtimestamp(now, self.tz).date()

@@ -25,8 +25,9 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make(clock: FakeClock, *, max_in_flight: int = 8, recover_after: int = 3, pause_s: float = 0.0,
-         cooldown_s: float = 10.0) -> Throttle:
+def make(
+    clock: FakeClock, *, max_in_flight: int = 8, recover_after: int = 3, pause_s: float = 0.0, cooldown_s: float = 10.0
+) -> Throttle:
     return Throttle(
         max_in_flight=max_in_flight, recover_after=recover_after, pause_s=pause_s, cooldown_s=cooldown_s, clock=clock
     )

@@ -191,9 +191,7 @@ def test_unknown_expected_success_and_stable_is_stable_count():
 def test_unknown_expected_not_yet_stable_waits():
     """Unknown expected: a count that grew less than stall_s ago is WAIT."""
     ended = T0 + 10
-    d = decide(
-        unknown(count=20, last_growth_at=ended + 5, job_ended_at=ended, job_succeeded=True, now=ended + STALL)
-    )
+    d = decide(unknown(count=20, last_growth_at=ended + 5, job_ended_at=ended, job_succeeded=True, now=ended + STALL))
     assert d.verdict is Verdict.WAIT
 
 
