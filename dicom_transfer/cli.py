@@ -201,6 +201,57 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command()
+def find(
+    query: Path = typer.Option(..., "--query", help="CSV of query rows (header: DICOM keywords such as StudyDate)."),
+    out: Path = typer.Option(..., "--out", help="The series manifest CSV to write (accepted by --batch)."),
+    config: Path | None = typer.Option(None, "--config", help="transfer.yaml (source, local Orthanc, filter)."),
+    allow_wildcards: bool = typer.Option(False, "--allow-wildcards", help="Accept '*' and '?' in text columns."),
+    show_phi: bool = typer.Option(False, "--show-phi", help="Add a PatientID column to the manifest."),
+    max_answers: int | None = typer.Option(
+        None, "--max-answers", min=1, help="The source truncates silently at N answers: treat N answers as cut."
+    ),
+    journal: Path | None = typer.Option(None, "--journal", help="An earlier run's journal, to estimate the time."),
+    json_out: bool = typer.Option(False, "--json", help="Print the totals as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    """Query the source (STUDY, then SERIES level) and write a series manifest for --batch."""
+    from .find import run_find
+
+    logs.configure(quiet=quiet or json_out or sys.stderr.isatty())
+    try:
+        cfg = _load(config)
+        outcome = run_find(
+            cfg, query, out, allow_wildcards=allow_wildcards, show_phi=show_phi,
+            max_answers=max_answers, journal=journal,
+        )  # fmt: skip
+    except BatchError as exc:
+        err.print(exc.render(), markup=False, highlight=False)
+        err.print(f"error: {exc.total} problem(s) in the query file; nothing was written", markup=False)
+        raise typer.Exit(code=exc.exit_code) from None
+    except DicomTransferError as exc:
+        raise _fail(exc) from None
+    summary = outcome.summary()
+    if json_out:
+        typer.echo(json.dumps(summary))
+        raise typer.Exit(0)
+    typer.echo(
+        f"{summary['rows']} query rows: {summary['studies']} studies, {summary['series']} series,"
+        f" {summary['instances']} instances"
+        + (f" ({summary['series_without_count']} series without a count)" if summary["series_without_count"] else "")
+    )
+    typer.echo(f"estimated transfer: {summary['estimate']}")
+    typer.echo(
+        f"C-FIND: {summary['queries']} queries, {summary['refused'] + summary['full']} answer sets too large"
+        f" (split {summary['splits']} times)"
+    )
+    for key, n in summary["unverified"].items():
+        err.print(f"warning: the source did not return {key} for {n} series: kept without checking it", markup=False)
+    for warning in summary["warnings"]:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+    typer.echo(f"manifest: {summary['manifest']}")
+
+
 def main() -> None:
     app()
 

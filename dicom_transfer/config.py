@@ -39,7 +39,7 @@ DESTINATION_URL_ENV = "DICOM_TRANSFER_DESTINATION_URL"
 LOCAL_PASSWORD_ENV = "DICOM_TRANSFER_LOCAL_PASSWORD"
 DESTINATION_PASSWORD_ENV = "DICOM_TRANSFER_DESTINATION_PASSWORD"
 
-MOVE_METHODS = ("auto", "move-job", "retrieve-job")
+MOVE_METHODS = ("auto", "move-job", "retrieve-job", "blocking")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 

@@ -11,7 +11,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pyorthanc
@@ -44,6 +44,9 @@ def orthanc_series_id(patient_id: str, study_uid: str, series_uid: str) -> str:
     return "-".join(h[i : i + 8] for i in range(0, 40, 8))
 
 
+_R = TypeVar("_R", bound="OrthancRest")
+
+
 class _NotDelivered(TransientOrthancError):
     """The request never reached Orthanc (connect failed): safe to repeat any call."""
 
@@ -68,6 +71,7 @@ class OrthancRest:
     ) -> None:
         self.url = url.rstrip("/")
         self.name = name
+        self._args = (url, username, password, timeout_s, retry_deadline_s, name)
         self.retry_deadline_s = retry_deadline_s
         # pyorthanc's Orthanc is an httpx.Client; raw responses let us keep status codes.
         self._client = pyorthanc.Orthanc(
@@ -81,6 +85,13 @@ class OrthancRest:
 
     def close(self) -> None:
         self._client.close()
+
+    def clone(self: _R) -> _R:
+        """A second client to the same server (for a worker thread: one client per thread)."""
+        url, username, password, timeout_s, retry_deadline_s, name = self._args
+        twin = type(self)(url, username, password, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s, name=name)
+        twin.retry_deadline_s = self.retry_deadline_s
+        return twin
 
     # -- raw requests -----------------------------------------------------------------
 
@@ -241,6 +252,7 @@ class JobStatus:
 
 MOVE_JOB = "move-job"  # ≥ 1.11.1: asynchronous /modalities/{id}/move → job
 RETRIEVE_JOB = "retrieve-job"  # 1.10: /modalities/{id}/query → /answers/0/retrieve → job
+BLOCKING = "blocking"  # any version: synchronous /modalities/{id}/move, run from a worker thread
 
 
 def choose_move_method(version: tuple[int, ...]) -> str:
@@ -339,6 +351,42 @@ class LocalOrthanc(OrthancRest):
             return self._start_retrieve_job(modality, target_aet, study_uid, series_uid, sop_uids)
         raise ValueError(f"unknown move method {method!r}")
 
+    def move_blocking(
+        self,
+        modality: str,
+        target_aet: str,
+        study_uid: str,
+        series_uid: str,
+        timeout_s: float,
+        sop_uids: list[str] | None = None,
+    ) -> JobStatus:
+        """Synchronous C-MOVE (`POST /modalities/{id}/move`); returns when the PACS answered.
+
+        Meant for a worker thread. Not retried after the request may have reached Orthanc.
+        A failed C-MOVE (HTTP 422) comes back as a Failure status, not as an exception.
+        """
+        body = self._move_body(target_aet, study_uid, series_uid, timeout_s, sop_uids)
+        try:
+            # The HTTP wait outlasts the DIMSE timeout so that Orthanc's own verdict arrives.
+            self.post(f"/modalities/{modality}/move", body, idempotent=False, timeout_s=timeout_s + 30)
+        except TransientOrthancError:
+            raise
+        except OrthancError as exc:
+            text = exc.details or exc.message
+            return JobStatus("Failure", text, parse_dimse_status(text))
+        return JobStatus("Success")
+
+    @staticmethod
+    def _move_body(
+        target_aet: str, study_uid: str, series_uid: str, timeout_s: float, sop_uids: list[str] | None
+    ) -> dict[str, Any]:
+        base = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
+        if sop_uids:
+            level, resources = "Instance", [{**base, "SOPInstanceUID": u} for u in sop_uids]
+        else:
+            level, resources = "Series", [base]
+        return {"Level": level, "Resources": resources, "TargetAet": target_aet, "Timeout": int(max(1, timeout_s))}
+
     def _start_move_job(
         self,
         modality: str,
@@ -348,18 +396,7 @@ class LocalOrthanc(OrthancRest):
         timeout_s: float,
         sop_uids: list[str] | None,
     ) -> str:
-        base = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
-        if sop_uids:
-            level, resources = "Instance", [{**base, "SOPInstanceUID": u} for u in sop_uids]
-        else:
-            level, resources = "Series", [base]
-        body = {
-            "Level": level,
-            "Resources": resources,
-            "TargetAet": target_aet,
-            "Asynchronous": True,
-            "Timeout": int(max(1, timeout_s)),
-        }
+        body = {**self._move_body(target_aet, study_uid, series_uid, timeout_s, sop_uids), "Asynchronous": True}
         created = self.post(f"/modalities/{modality}/move", body, idempotent=False)
         if not isinstance(created, dict) or "ID" not in created:
             url = f"{self.url}/modalities/{modality}/move"
@@ -423,6 +460,7 @@ class Destination(OrthancRest):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._series_ids: dict[str, str] = {}
+        self._guesses: dict[str, str] = {}
 
     def series_id(self, series_uid: str) -> str | None:
         """Orthanc id of a series by its UID (cached once found)."""
@@ -436,8 +474,24 @@ class Destination(OrthancRest):
                 return str(item["ID"])
         return None
 
+    def hint(self, series_uid: str, patient_id: str | None, study_uid: str | None) -> None:
+        """Remember the series' computed Orthanc id, to count with one GET instead of a lookup."""
+        if patient_id is not None and study_uid and series_uid not in self._series_ids:
+            self._guesses[series_uid] = orthanc_series_id(patient_id, study_uid, series_uid)
+
     def count(self, series_uid: str) -> int:
         """How many instances of this series the destination holds (0 when none)."""
+        guess = self._guesses.get(series_uid)
+        if guess is not None and series_uid not in self._series_ids:
+            try:
+                series = self.get(f"/series/{guess}")
+            except OrthancError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                if series.get("MainDicomTags", {}).get("SeriesInstanceUID") == series_uid:
+                    self._series_ids[series_uid] = guess
+                    return len(series.get("Instances", []))
         sid = self.series_id(series_uid)
         if sid is None:
             return 0

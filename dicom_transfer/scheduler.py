@@ -9,9 +9,12 @@ queries run a little ahead of the moves, at most `limit` moves are in flight (AI
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -19,7 +22,7 @@ import structlog
 from .config import Config
 from .errors import DestinationUnknown, OrthancError, Stopped, Unreachable
 from .journal import Journal, SeriesRow
-from .orthanc import Destination, LocalOrthanc, choose_move_method, dimse_from_error
+from .orthanc import BLOCKING, Destination, JobStatus, LocalOrthanc, choose_move_method, dimse_from_error
 from .states import TRANSITIONS, Event, State, next_state
 from .throttle import Throttle
 from .verify import Decision, Observation, Verdict, judge
@@ -30,6 +33,7 @@ __all__ = ["TRANSITIONS", "Event", "State", "next_state", "Scheduler", "RunResul
 log = structlog.get_logger("dicom_transfer")
 
 RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at least this often
+PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 
 
 def short_uid(uid: str) -> str:
@@ -49,7 +53,10 @@ class Flight:
     baseline: int  # destination count when this attempt was issued
     state: State = State.MOVING  # the row's state in the journal
     job_id: str | None = None
+    future: Future[JobStatus] | None = None  # a blocking move running in a worker thread
     job_ended_at: float | None = None
+    job_detail: str | None = None
+    first_issued_at: float | None = None
     job_succeeded: bool = False
     job_error: str | None = None
     job_dimse: int | None = None
@@ -124,6 +131,8 @@ class Scheduler:
         self.method = self.t.move_method
         self.change_mark = 0
         self._queried = 0  # rows in `queried`, kept in memory to avoid a COUNT per loop
+        self._progress_at = 0.0
+        self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -170,6 +179,12 @@ class Scheduler:
     def _idle(self, open_now: bool) -> None:
         """Sleep until something may change: a poll tick, a due retry or the window."""
         wait = self.t.poll_s
+        running = [f.future for f in self.flights.values() if f.future is not None and not f.future.done()]
+        if running and len(running) == len(self.flights):
+            # Only blocking moves in flight: wake up the moment one returns.
+            self._report_progress()
+            wait_for(running, timeout=wait * 20, return_when=FIRST_COMPLETED)
+            return
         if not self.flights:
             now = self.clock()
             wakeups = [self.journal.next_retry_at(), self.throttle.not_before]
@@ -182,7 +197,9 @@ class Scheduler:
         self.sleep(wait)
 
     def _report_progress(self) -> None:
-        if self.on_progress is not None:
+        now = time.monotonic()
+        if self.on_progress is not None and now - self._progress_at >= PROGRESS_EVERY_S:
+            self._progress_at = now
             self.on_progress(self.journal.counts())
 
     # -- start-up: reclaim what a previous run left in flight -----------------------
@@ -206,6 +223,7 @@ class Scheduler:
                 count=count,
                 last_growth_at=now,
                 state=State.VERIFYING,
+                first_issued_at=row.first_issued_at,
             )
             if row.job_id:
                 status = self.local.job_status(row.job_id)
@@ -256,6 +274,7 @@ class Scheduler:
         if expected is None:
             sop_uids = self._source_instances(answer.study_uid, row.uid)
             expected = len(sop_uids) if sop_uids else None
+        self.dest.hint(row.uid, answer.patient_id, answer.study_uid)
         have = self.dest.count(row.uid)
         if expected is not None and have >= expected:
             self.journal.transition(
@@ -320,8 +339,8 @@ class Scheduler:
     def _start(self, row: SeriesRow) -> None:
         now = self.clock()
         attempt = row.attempts + 1
-        baseline = self.dest.count(row.uid)
-        subset = self._missing(replace(row, received=baseline))
+        baseline = row.received  # counted by the query's pre-check, moments ago
+        subset = self._missing(row)
         # The move is recorded before it is issued: a crash after this line leaves a
         # `moving` row that the next run verifies at the destination, never a lost move.
         self.journal.transition(
@@ -334,7 +353,13 @@ class Scheduler:
         self.throttle.issued()
         flight = Flight(row.uid, row.study_uid or "", row.expected, attempt, now, baseline)
         flight.count, flight.last_growth_at = baseline, now
+        flight.first_issued_at = row.first_issued_at or now
         self.flights[row.uid] = flight
+        if self.method == BLOCKING:
+            flight.future = self._spawn_blocking_move(row.study_uid or "", row.uid, subset)
+            log.info("move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
+                     instances=len(subset) if subset else None)  # fmt: skip
+            return
         try:
             job = self.local.start_move(
                 self.method, self.cfg.source.modality, self.cfg.destination.aet,
@@ -351,6 +376,25 @@ class Scheduler:
             "move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
             instances=len(subset) if subset else None, job=job,
         )  # fmt: skip
+
+    def _spawn_blocking_move(self, study_uid: str, series_uid: str, subset: list[str] | None) -> Future[JobStatus]:
+        """Run a synchronous C-MOVE in a daemon thread (a hung move never blocks exit)."""
+        if self._mover is None:
+            self._mover = self.local.clone()
+        mover, future = self._mover, Future[JobStatus]()
+        source, target = self.cfg.source.modality, self.cfg.destination.aet
+        args = (source, target, study_uid, series_uid, self.t.move_timeout_s, subset)
+
+        def work() -> None:
+            try:
+                future.set_result(mover.move_blocking(*args))
+            except OrthancError as exc:  # no answer in time: the count will tell
+                future.set_result(JobStatus("Failure", f"no answer to the move: {exc.message}"))
+            except BaseException as exc:  # pragma: no cover - surfaced in the main thread
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"move-{short_uid(series_uid)}", daemon=True).start()
+        return future
 
     def _refused(self, flight: Flight, exc: OrthancError) -> None:
         status = dimse_from_error(exc)
@@ -392,17 +436,31 @@ class Scheduler:
                 deadline_s=self.t.move_timeout_s,
             )
             if decision.verdict is Verdict.ARRIVED:
-                self._arrived(flight, state, decision)
+                self._arrived(flight, state, decision)  # moving → complete needs no job_ended row
                 progressed = True
-            elif decision.verdict is Verdict.SHORT:
-                self._short(flight, state, decision)
+                continue
+            self._record_job_end(flight)
+            if decision.verdict is Verdict.SHORT:
+                self._short(flight, flight.state, decision)
                 progressed = True
         return progressed
 
+    def _record_job_end(self, flight: Flight) -> None:
+        if flight.job_ended_at is not None and flight.state is State.MOVING:
+            self.journal.transition(flight.uid, State.MOVING, Event.JOB_ENDED, flight.job_detail)
+            flight.state = State.VERIFYING
+
     def _poll_job(self, flight: Flight, now: float) -> bool:
-        if flight.job_ended_at is not None or flight.job_id is None:
+        if flight.job_ended_at is not None:
             return False
-        status = self.local.job_status(flight.job_id)
+        if flight.future is not None:
+            if not flight.future.done():
+                return False
+            status = flight.future.result()
+        elif flight.job_id is not None:
+            status = self.local.job_status(flight.job_id)
+        else:
+            return False
         if not status.ended:
             return False
         flight.job_ended_at = now
@@ -413,10 +471,7 @@ class Scheduler:
                 f"the source does not know the move destination AE title {self.cfg.destination.aet!r}"
                 " (C-MOVE status 0xA801): add it to the PACS's configuration"
             )
-        detail = status.state + (f": {status.error}" if status.error else "")
-        if flight.state is State.MOVING:
-            self.journal.transition(flight.uid, State.MOVING, Event.JOB_ENDED, detail)
-            flight.state = State.VERIFYING
+        flight.job_detail = status.state + (f": {status.error}" if status.error else "")
         log.info("move.ended", series=short_uid(flight.uid), job_state=status.state, dimse=status.dimse_status)
         return True
 
@@ -428,8 +483,7 @@ class Scheduler:
 
     def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
         now = self.clock()
-        row = self.journal.get(flight.uid)
-        seconds = now - (row.first_issued_at or flight.issued_at)
+        seconds = now - (flight.first_issued_at or flight.issued_at)
         self.journal.transition(
             flight.uid, state, Event.ARRIVED, f"count={flight.count}",
             received=flight.count, verified=decision.verified, warning=decision.warning,
