@@ -34,14 +34,15 @@ def test_move_job_path(new, tmp_path: Path) -> None:
         assert series_count(new.centre, s.series_uid) == 8
 
 
-def test_retrieve_job_path_on_new_orthanc(new, tmp_path: Path) -> None:
-    """The 1.10 query→retrieve job path also works on a newer Orthanc when chosen explicitly."""
+@pytest.mark.parametrize("method", ["retrieve-job", "blocking"])
+def test_other_paths_on_new_orthanc(new, tmp_path: Path, method: str) -> None:
+    """The query→retrieve job and the blocking move also work on a newer Orthanc when chosen."""
     series, batch = setup_batch(new, tmp_path, n=2, per=5)
-    cfg = write_config(tmp_path / "t.yaml", new, move_method="retrieve-job")
+    cfg = write_config(tmp_path / "t.yaml", new, move_method=method)
     res = run_cli("--batch", batch, "--config", cfg, "--json")
     assert res.returncode == 0, res.stderr
     db = sqlite3.connect(tmp_path / "series.journal.sqlite")
-    assert {m for (m,) in db.execute("SELECT move_method FROM series")} == {"retrieve-job"}
+    assert {m for (m,) in db.execute("SELECT move_method FROM series")} == {method}
     assert all(series_count(new.centre, s.series_uid) == 5 for s in series)
 
 

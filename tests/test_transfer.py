@@ -68,6 +68,23 @@ def test_happy_batch_same_topology(same: Stack, tmp_path: Path) -> None:
     assert "PatientID" not in (tmp_path / "r.json").read_text()
 
 
+@pytest.mark.parametrize("method", ["retrieve-job", "blocking"])
+def test_each_1_10_move_path(same: Stack, tmp_path: Path, method: str) -> None:
+    """On Orthanc 1.10 both the query→retrieve job and the blocking move prove every series."""
+    series, batch = setup_batch(same, tmp_path, n=3, per=7)
+    for i in (1, 3):  # a partial series too: only the missing instances move
+        same.centre.rest.post("/instances", content=instance_bytes(series[2], i))
+    cfg = write_config(tmp_path / "t.yaml", same, move_method=method)
+    res = run_cli("--batch", batch, "--config", cfg, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["complete"] == 3
+    db = sqlite3.connect(tmp_path / "series.journal.sqlite")
+    assert {m for (m,) in db.execute("SELECT move_method FROM series")} == {method}
+    issued = [d for (d,) in db.execute("SELECT detail FROM events WHERE event='issued' ORDER BY id")]
+    assert issued == ["attempt=1", "attempt=1", "attempt=1 instances=5"]
+    assert all(series_count(same.centre, s.series_uid) == 7 for s in series)
+
+
 def test_separate_destination(separate: Stack, tmp_path: Path) -> None:
     """With local ≠ destination, the series land in the third Orthanc and are counted there."""
     series, batch = setup_batch(separate, tmp_path, n=3, per=6)
