@@ -95,6 +95,9 @@ def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | No
     for row in report["series"]:
         if row["state"] == "failed":
             err.print(f"  failed {row['SeriesInstanceUID']}: {row['reason']}", markup=False, highlight=False)
+    for study in report.get("studies", []):
+        if study["reason"]:
+            err.print(f"  study {study['StudyInstanceUID']} (line {study['line']}): {study['reason']}", markup=False)
     if report.get("stopped"):
         err.print(f"stopped: {report['stopped']} (run the same command to resume)", markup=False)
     err.print(f"journal: {journal}", markup=False, highlight=False)
@@ -249,6 +252,12 @@ def find(
         err.print(f"warning: the source did not return {key} for {n} series: kept without checking it", markup=False)
     for warning in summary["warnings"]:
         err.print(f"warning: {warning}", markup=False, highlight=False)
+    if summary["dropped"] or summary["invalid"]:
+        err.print(
+            f"warning: {summary['dropped']} answers did not match their row on a second look and"
+            f" {summary['invalid']} had no valid UID: left out",
+            markup=False,
+        )
     typer.echo(f"manifest: {summary['manifest']}")
 
 

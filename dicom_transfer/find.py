@@ -132,7 +132,7 @@ def _check_range(text: str, parse: Any, kind: str, form: str, phi: bool) -> str 
         return f"open range {what}: give both ends ({form}-{form})"
     values: list[Any] = [parse(p) for p in parts] if len(parts) <= 2 else [None]
     if any(v is None for v in values):
-        if kind == "date" and all(_DATE.fullmatch(p) for p in parts):
+        if kind == "date" and len(parts) <= 2 and all(_DATE.fullmatch(p) for p in parts):
             return f"{what} is not a calendar date"
         return f"{what} is not a {kind} {form} or a range {form}-{form}"
     if len(values) == 2 and values[0] > values[1]:
@@ -299,7 +299,7 @@ def _read(it: Iterator[str], lines: _Lines, out: _Collector, allow_wildcards: bo
     try:
         for cells in csv.reader(it, delimiter=delimiter):
             start, last = last + 1, lines.number
-            if cells:  # a truly empty line; ",," is a row without filters
+            if cells:  # an empty line is skipped; ",," is a row, one without filters
                 row = checker.check(cells, start)
                 if row is not None:
                     rows.append(row)

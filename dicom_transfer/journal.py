@@ -57,6 +57,13 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS events_uid ON events (uid);
+CREATE TABLE IF NOT EXISTS studies (   -- study rows of the batch and what they expanded to
+    study_uid TEXT PRIMARY KEY,
+    batch_line INTEGER,
+    found INTEGER NOT NULL,             -- series the source has
+    planned INTEGER NOT NULL,           -- series left after the filters
+    reason TEXT                         -- why nothing was planned
+);
 """
 
 _COLUMNS = (
@@ -152,13 +159,20 @@ class Journal:
 
     # -- planning ---------------------------------------------------------------------
 
-    def plan(self, rows: Iterable[tuple[str, str | None, str | None, int | None]], batch: Path) -> int:
+    def plan(
+        self,
+        rows: Iterable[tuple[str, str | None, str | None, int | None]],
+        batch: Path,
+        studies: Iterable[tuple[str, int | None, int, int, str | None]] = (),
+    ) -> int:
         """Insert every (series_uid, study_uid, patient_id, line) as pending, in one transaction.
 
+        `studies` are the study rows' expansions (study_uid, line, found, planned, reason).
         Idempotent: a series already planned keeps its row. Returns the number planned.
         """
         now = self.clock()
         with self._tx():
+            self.db.executemany("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?)", studies)
             cur = self.db.executemany(
                 "INSERT OR IGNORE INTO series (uid, study_uid, patient_id, batch_line, state, updated_at)"
                 " VALUES (?, ?, ?, ?, 'pending', ?)",
@@ -275,6 +289,11 @@ class Journal:
             " MIN(first_issued_at), MAX(finished_at) FROM series"
         ).fetchone()
         return {"total": row[0], "instances": row[1], "first_issued_at": row[2], "last_finished_at": row[3]}
+
+    def studies(self) -> list[dict[str, Any]]:
+        keys = ("study_uid", "batch_line", "found", "planned", "reason")
+        rows = self.db.execute(f"SELECT {', '.join(keys)} FROM studies ORDER BY batch_line")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def events(self, uid: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = "SELECT at, uid, event, from_state, to_state, detail FROM events"

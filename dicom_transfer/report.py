@@ -87,6 +87,13 @@ def build_report(
     }
     if warnings:
         report["warnings"] = warnings
+    studies = [
+        {"StudyInstanceUID": st["study_uid"], "line": st["batch_line"], "state": "failed" if st["found"] == 0 else
+         "expanded", "series_found": st["found"], "series_planned": st["planned"], "reason": st["reason"]}
+        for st in journal.studies()
+    ]  # fmt: skip
+    if studies:
+        report["studies"] = studies
     return report
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ class Outcome:
     def exit_code(self) -> int:
         if self.result.stopped:
             return 3
-        return 1 if self.report["summary"]["failed"] else 0
+        studies_failed = any(s["state"] == "failed" for s in self.report.get("studies", []))
+        return 1 if self.report["summary"]["failed"] or studies_failed else 0
 
 
 def default_journal(batch: Path) -> Path:
@@ -92,21 +95,39 @@ def plan(journal: Journal, batch: Path, rows: list[BatchRow], cfg: Config, local
     """Every batch row into the journal before the first move, in batch order.
 
     Study rows become their series (SERIES-level C-FIND, filters applied) here; the
-    expansion is stored, so a re-run neither re-queries nor re-orders.
+    expansion is stored, so a re-run neither re-queries nor re-orders. A study the source
+    does not have is recorded as failed, never dropped in silence.
     """
     digest = file_digest(batch)
+    filters = hashlib.sha256(json.dumps(asdict(cfg.filter), sort_keys=True).encode()).hexdigest()
     if journal.planned and journal.meta("batch_sha256") == digest:
+        if any(r.is_study for r in rows) and journal.meta("filter_sha256") not in (None, filters):
+            raise ConfigError(
+                "filter",
+                f"changed since {journal.path} was planned: the study rows were expanded with the old"
+                " filter; restore it, or start a new journal with --journal",
+            )
         return 0
     planned: list[tuple[str, str | None, str | None, int | None]] = []
+    studies: list[tuple[str, int | None, int, int, str | None]] = []
     for row in rows:
         if row.series_uid:
             planned.append((row.series_uid, row.study_uid, row.patient_id, row.line))
             continue
-        for answer in local.find_series(cfg.source.modality, None, row.study_uid):
-            if cfg.filter.accepts(answer.modality, answer.description):
-                planned.append((answer.series_uid, answer.study_uid, row.patient_id, row.line))
-    n = journal.plan(planned, batch)
+        answers = local.find_series(cfg.source.modality, None, row.study_uid)
+        kept = [a for a in answers if cfg.filter.accepts(a.modality, a.description)]
+        planned += [(a.series_uid, a.study_uid, row.patient_id or a.patient_id, row.line) for a in kept]
+        reason = None
+        if not answers:
+            reason = "not found at source"
+        elif not kept:
+            reason = f"all {len(answers)} series excluded by the filter"
+        studies.append((str(row.study_uid), row.line, len(answers), len(kept), reason))
+        if reason:
+            log.warning("study.nothing_planned", study=row.study_uid, line=row.line, reason=reason)
+    n = journal.plan(planned, batch, studies)
     journal.set_meta("batch_sha256", digest)
+    journal.set_meta("filter_sha256", filters)
     log.info("batch.planned", rows=len(rows), series=len(planned), new=n)
     return n
 

@@ -258,3 +258,35 @@ def test_echo_reports_each_party(same: Stack, tmp_path: Path) -> None:
     res = run_cli("echo", "--config", write_config(tmp_path / "t.yaml", same))
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("ok ") == 3 and "source PACS (C-ECHO)" in res.stdout
+
+
+def test_study_rows_unknown_study_fails_loudly(same: Stack, tmp_path: Path) -> None:
+    """A study row expands to its series; a study the PACS lacks is reported failed, exit 1."""
+    series = make_series(2, 3, seed=31)
+    upload(same.pacs.rest, series)
+    batch = tmp_path / "studies.csv"
+    batch.write_text(f"StudyInstanceUID\n{series[0].study_uid}\n1.2.3.4.5.6\n")
+    cfg = write_config(tmp_path / "t.yaml", same)
+    res = run_cli("--batch", batch, "--config", cfg, "--report", tmp_path / "r.json")
+    assert res.returncode == 1, res.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["SeriesInstanceUID"] for r in report["series"]] == [series[0].series_uid]
+    assert report["series"][0]["state"] == "complete"
+    failed = [s for s in report["studies"] if s["state"] == "failed"]
+    assert [(s["StudyInstanceUID"], s["reason"]) for s in failed] == [("1.2.3.4.5.6", "not found at source")]
+    assert "1.2.3.4.5.6 (line 3): not found at source" in res.stderr
+
+
+def test_changed_filter_on_rerun_is_refused(same: Stack, tmp_path: Path) -> None:
+    """Study rows expanded under one filter are not silently kept under another: exit 2."""
+    series = make_series(1, 2, seed=32)
+    upload(same.pacs.rest, series)
+    batch = tmp_path / "studies.csv"
+    batch.write_text(f"StudyInstanceUID\n{series[0].study_uid}\n")
+    cfg = write_config(tmp_path / "t.yaml", same)
+    assert run_cli("--batch", batch, "--config", cfg).returncode == 0
+    with cfg.open("a") as f:
+        f.write("filter: {modalities: {include: [MR]}}\n")
+    res = run_cli("--batch", batch, "--config", cfg)
+    assert res.returncode == 2
+    assert "filter: changed since" in res.stderr
