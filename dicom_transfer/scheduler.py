@@ -11,11 +11,12 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -74,6 +75,18 @@ class RunResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+class AfterArrival(Protocol):
+    """Optional steps on each proven-complete series (export, tags, anonymisation).
+
+    `run` must be idempotent and resumable (it keeps its own state in the journal's
+    database); `pending` lists complete series whose steps are not done yet.
+    """
+
+    def run(self, series_uid: str) -> None: ...
+
+    def pending(self) -> list[str]: ...
+
+
 class StopFlag:
     """Set from a signal handler; the loop stops issuing and returns."""
 
@@ -103,6 +116,7 @@ class Scheduler:
         stop: StopFlag | None = None,
         on_progress: Callable[[dict[str, int]], None] | None = None,
         rng: random.Random | None = None,
+        after: AfterArrival | None = None,
     ) -> None:
         self.cfg = cfg
         self.t = cfg.transfer
@@ -132,6 +146,8 @@ class Scheduler:
         self.change_mark = 0
         self._queried = 0  # rows in `queried`, kept in memory to avoid a COUNT per loop
         self._progress_at = 0.0
+        self.after = after
+        self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
 
     # -- the loop ---------------------------------------------------------------------
@@ -162,12 +178,24 @@ class Scheduler:
                 progressed |= self._query_ahead()
             progressed |= self._poll_flights()
             if not self.flights and self._nothing_left():
+                self._drain_after()
                 break
-            if not progressed:
+            if not progressed and not self._after_one():
                 self._idle(open_now)
         result.counts = self.journal.counts()
         self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
+
+    def _after_one(self) -> bool:
+        """Run the after-arrival steps of one series, in the gaps while moves run."""
+        if not self.after_queue or self.after is None:
+            return False
+        self.after.run(self.after_queue.popleft())
+        return True
+
+    def _drain_after(self) -> None:
+        while not self.stop and self._after_one():
+            pass
 
     def _window_open(self, now: float) -> bool:
         return self.window is None or self.window.is_open(now)
@@ -283,6 +311,8 @@ class Scheduler:
                 verified="count", finished_at=self.clock(),
             )  # fmt: skip
             log.info("series.present", series=short_uid(row.uid), count=have)
+            if self.after is not None:
+                self.after_queue.append(row.uid)
             return
         self.journal.transition(
             row.uid, State.PENDING, Event.QUERIED, f"expected={expected} have={have}",
@@ -497,6 +527,8 @@ class Scheduler:
         )  # fmt: skip
         if decision.warning:
             log.warning("series.more_than_expected", series=short_uid(flight.uid), received=flight.count)
+        if self.after is not None:
+            self.after_queue.append(flight.uid)
         change = self.throttle.completed()
         if change:
             self._throttle_changed(change)
