@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import structlog
 
 from .config import Config
-from .errors import DestinationUnknown, OrthancError, Stopped, Unreachable
+from .errors import DestinationUnknown, MoveRefused, OrthancError, Stopped, Unreachable
 from .journal import Journal, SeriesRow
 from .orthanc import BLOCKING, Destination, JobStatus, LocalOrthanc, choose_move_method, dimse_from_error
 from .states import TRANSITIONS, Event, State, next_state
@@ -34,6 +34,8 @@ __all__ = ["TRANSITIONS", "Event", "State", "next_state", "Scheduler", "RunResul
 log = structlog.get_logger("dicom_transfer")
 
 RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at least this often
+CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at most this often
+HOT_S, HOT_POLL_S = 2.0, 0.01  # a move younger than HOT_S is polled every HOT_POLL_S (small series end fast)
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 
 
@@ -59,6 +61,7 @@ class Flight:
     job_detail: str | None = None
     first_issued_at: float | None = None
     job_succeeded: bool = False
+    subset: bool = False  # this attempt moves only the missing instances
     job_error: str | None = None
     job_dimse: int | None = None
     count: int = 0
@@ -146,6 +149,8 @@ class Scheduler:
         self.change_mark = 0
         self._queried = 0  # rows in `queried`, kept in memory to avoid a COUNT per loop
         self._progress_at = 0.0
+        self._changes_at = 0.0
+        self._series_only: set[str] = set()  # image-level repair refused or useless: move series
         self.after = after
         self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
@@ -221,6 +226,8 @@ class Scheduler:
             future = [w - now for w in wakeups if w is not None and w > now]
             wait = min(future) if future else self.t.poll_s
             wait = max(self.t.poll_s, min(wait, 5.0))  # wake up now and then for signals
+        elif any(f.job_ended_at is None and self.clock() - f.issued_at < HOT_S for f in self.flights.values()):
+            wait = min(wait, HOT_POLL_S)
         self._report_progress()
         self.sleep(wait)
 
@@ -291,7 +298,8 @@ class Scheduler:
         except Unreachable:
             raise
         except OrthancError as exc:
-            self._query_failed(row, f"C-FIND failed: {exc.details or exc.message}")
+            hint = "" if row.study_uid else " (a hierarchical PACS needs the StudyInstanceUID in the batch)"
+            self._query_failed(row, f"C-FIND failed: {exc.details or exc.message}{hint}")
             return
         answer = next((a for a in answers if a.series_uid == row.uid), None)
         if answer is None:
@@ -370,7 +378,7 @@ class Scheduler:
         now = self.clock()
         attempt = row.attempts + 1
         baseline = row.received  # counted by the query's pre-check, moments ago
-        subset = self._missing(row)
+        subset = None if row.uid in self._series_only else self._missing(row)
         # The move is recorded before it is issued: a crash after this line leaves a
         # `moving` row that the next run verifies at the destination, never a lost move.
         self.journal.transition(
@@ -384,6 +392,7 @@ class Scheduler:
         flight = Flight(row.uid, row.study_uid or "", row.expected, attempt, now, baseline)
         flight.count, flight.last_growth_at = baseline, now
         flight.first_issued_at = row.first_issued_at or now
+        flight.subset = bool(subset)
         self.flights[row.uid] = flight
         if self.method == BLOCKING:
             flight.future = self._spawn_blocking_move(row.study_uid or "", row.uid, subset)
@@ -399,6 +408,9 @@ class Scheduler:
             raise
         except OrthancError as exc:
             self._refused(flight, exc)
+            return
+        except MoveRefused as exc:
+            self._short(flight, State.MOVING, Decision(Verdict.SHORT, reason=f"move refused: {exc}"))
             return
         flight.job_id = job
         self.journal.update(row.uid, State.MOVING, job_id=job)
@@ -433,9 +445,8 @@ class Scheduler:
                 f"the source does not know the move destination AE title {self.cfg.destination.aet!r}"
                 " (C-MOVE status 0xA801): add it to the PACS's configuration"
             )
-        reason = f"move refused: {exc.details or exc.message}"
-        full = status is not None and (status & 0xFF00) == 0xA700
-        self._short(flight, State.MOVING, Decision(Verdict.SHORT, reason=reason, pacs_full=full))
+        flight.job_dimse = status
+        self._short(flight, State.MOVING, Decision(Verdict.SHORT, reason=f"move refused: {exc.details or exc.message}"))
 
     # -- watching the flights ------------------------------------------------------------
 
@@ -443,11 +454,15 @@ class Scheduler:
         if not self.flights:
             return False
         now = self.clock()
-        changed, self.change_mark = self.dest.changed_since(self.change_mark)
-        progressed = False
+        ended = {f.uid for f in list(self.flights.values()) if self._poll_job(f, now)}
+        changed = False
+        if now - self._changes_at >= CHANGES_EVERY_S:
+            # A hint, not proof: it says when a re-count is worth its REST call.
+            changed, self.change_mark = self.dest.changed_since(self.change_mark)
+            self._changes_at = now
+        progressed = bool(ended)
         for flight in list(self.flights.values()):
-            progressed |= self._poll_job(flight, now)
-            if changed or flight.job_ended_at == now or now - flight.counted_at >= RECOUNT_EVERY_S:
+            if flight.uid in ended or changed or now - flight.counted_at >= RECOUNT_EVERY_S:
                 self._recount(flight, now)
             state = flight.state
             decision = judge(
@@ -540,9 +555,14 @@ class Scheduler:
         reason = decision.reason or "short"
         if flight.job_error and "refused" not in reason:
             reason += f"; move job: {flight.job_error}"
-        full = decision.pacs_full or (flight.job_dimse is not None and (flight.job_dimse & 0xFF00) == 0xA700)
-        if full:
-            self._throttle_changed(self.throttle.full("pacs full" if flight.job_dimse else "nothing delivered"))
+        if flight.subset and flight.count <= flight.baseline:
+            self._series_only.add(flight.uid)  # the instance-level move did nothing: next time the series
+        out_of_resources = flight.job_dimse is not None and (flight.job_dimse & 0xFF00) == 0xA700
+        if out_of_resources:
+            self._throttle_changed(self.throttle.full(f"pacs full (0x{flight.job_dimse:04X})"))
+        elif decision.pacs_full and flight.job_dimse is None:
+            # Acknowledged, then nothing arrived: the PACS dropped it from a full queue.
+            self._throttle_changed(self.throttle.full("nothing delivered"))
         if flight.attempt >= self.t.max_attempts:
             final = f"{reason} after {flight.attempt} attempts"
             self.journal.transition(

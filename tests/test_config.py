@@ -216,7 +216,10 @@ def test_wrong_types_name_the_key(tmp_path, yaml_text, expected):
         ("transfer: {cooldown_s: -1}", "transfer.cooldown_s: must be >= 0"),
         ("transfer: {move_timeout_s: 0}", "transfer.move_timeout_s: must be > 0"),
         ("transfer: {poll_s: 0}", "transfer.poll_s: must be > 0"),
-        ("transfer: {move_method: c-get}", "transfer.move_method: must be one of auto, move-job, retrieve-job"),
+        (
+            "transfer: {move_method: c-get}",
+            "transfer.move_method: must be one of auto, move-job, retrieve-job, blocking",
+        ),
         ("source: {aet: A, host: h, port: 0}", "source.port: must be >= 1"),
         ("source: {aet: A, host: h, port: 70000}", "source.port: must be <= 65535"),
     ],
