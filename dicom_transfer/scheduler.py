@@ -150,6 +150,7 @@ class Scheduler:
         self._queried = 0  # rows in `queried`, kept in memory to avoid a COUNT per loop
         self._progress_at = 0.0
         self._changes_at = 0.0
+        self._last_arrival_at = 0.0  # when any in-flight series last grew
         self._series_only: set[str] = set()  # image-level repair refused or useless: move series
         self.after = after
         self.after_queue: deque[str] = deque(after.pending() if after else ())
@@ -471,7 +472,9 @@ class Scheduler:
                     needed=flight.expected or 0,
                     count=flight.count,
                     issued_at=flight.issued_at,
-                    last_growth_at=flight.last_growth_at,
+                    # A PACS still sending (any series) is working through its queue: ours
+                    # may simply be next, so the stall clock runs from the last arrival.
+                    last_growth_at=max(flight.last_growth_at, self._last_arrival_at),
                     job_ended_at=flight.job_ended_at,
                     job_succeeded=flight.job_succeeded,
                     delivered=flight.count - flight.baseline,
@@ -523,7 +526,7 @@ class Scheduler:
     def _recount(self, flight: Flight, now: float) -> None:
         count = self.dest.count(flight.uid)
         if count > flight.count:
-            flight.last_growth_at = now
+            flight.last_growth_at = self._last_arrival_at = now
         flight.count, flight.counted_at = count, now
 
     def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
@@ -558,7 +561,9 @@ class Scheduler:
         if flight.subset and flight.count <= flight.baseline:
             self._series_only.add(flight.uid)  # the instance-level move did nothing: next time the series
         out_of_resources = flight.job_dimse is not None and (flight.job_dimse & 0xFF00) == 0xA700
-        if out_of_resources:
+        if self.throttle.cooling():
+            pass  # the same burst as a "full" already acted on: halve once, as TCP does per window
+        elif out_of_resources:
             self._throttle_changed(self.throttle.full(f"pacs full (0x{flight.job_dimse:04X})"))
         elif decision.pacs_full and flight.job_dimse is None:
             # Acknowledged, then nothing arrived: the PACS dropped it from a full queue.

@@ -43,6 +43,10 @@ class Throttle:
             return self._change(self.limit + 1, "recovered")
         return None
 
+    def cooling(self) -> bool:
+        """In a cool-down: a further "full" now belongs to the same burst (halve once per burst)."""
+        return self.clock() < self.not_before and self.cooldown_level > 0
+
     def full(self, why: str) -> dict[str, Any]:
         """The PACS refused for resources or dropped a move: halve, and cool down longer each time."""
         self.streak = 0
