@@ -95,6 +95,11 @@ def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | No
     for row in report["series"]:
         if row["state"] == "failed":
             err.print(f"  failed {row['SeriesInstanceUID']}: {row['reason']}", markup=False, highlight=False)
+        for step in ("anonymized", "tags", "export"):
+            if (row.get(step) or {}).get("state") == "failed":
+                err.print(f"  {step} failed {row['SeriesInstanceUID']}: {row[step]['reason']}", markup=False)
+    for step, c in report.get("steps", {}).items():
+        err.print(f"{step}: {c['done']} done, {c['failed']} failed, {c['pending']} pending", markup=False)
     for study in report.get("studies", []):
         if study["reason"]:
             err.print(f"  study {study['StudyInstanceUID']} (line {study['line']}): {study['reason']}", markup=False)
@@ -164,6 +169,8 @@ def status(
     typer.echo(f"instances {s['instances']}")
     if info["series_per_minute"]:
         typer.echo(f"rate      {info['series_per_minute']} series/min, eta {info['eta_seconds']} s")
+    for step, c in info.get("steps", {}).items():
+        typer.echo(f"{step:<9} {c['done']} done, {c['failed']} failed, {c['pending']} pending")
     for f in info["in_flight"]:
         typer.echo(f"in flight {f['SeriesInstanceUID']} {f['state']} {f['received']}/{f['expected']}")
     for e in info["last_errors"]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .journal import Journal
 from .states import State
+from .steps import CSV_KEYS, csv_fields, report_fields, steps_summary
 
 SERIES_KEYS = (
     "SeriesInstanceUID",
@@ -48,6 +49,7 @@ def summary(journal: Journal, seconds: float | None = None) -> dict[str, Any]:
 
 def series_rows(journal: Journal, show_phi: bool = False) -> list[dict[str, Any]]:
     rows = []
+    steps = report_fields(journal, show_phi)  # {} when no after-arrival step is on
     for row in journal.iter_rows():
         item: dict[str, Any] = {
             "SeriesInstanceUID": row.uid,
@@ -62,6 +64,7 @@ def series_rows(journal: Journal, show_phi: bool = False) -> list[dict[str, Any]
         }
         if show_phi:
             item["PatientID"] = row.patient_id
+        item.update(steps.get(row.uid, {}))
         rows.append(item)
     return rows
 
@@ -87,6 +90,9 @@ def build_report(
     }
     if warnings:
         report["warnings"] = warnings
+    steps = steps_summary(journal)
+    if steps:
+        report["steps"] = steps
     studies = [
         {"StudyInstanceUID": st["study_uid"], "line": st["batch_line"], "state": "failed" if st["found"] == 0 else
          "expanded", "series_found": st["found"], "series_planned": st["planned"], "reason": st["reason"]}
@@ -105,9 +111,13 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         if path.suffix.lower() == ".csv":
             keys = list(SERIES_KEYS) + (["PatientID"] if any("PatientID" in r for r in report["series"]) else [])
+            rows = report["series"]
+            if "steps" in report:
+                keys += CSV_KEYS
+                rows = [{**r, **csv_fields(r)} for r in rows]
             writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(report["series"])
+            writer.writerows(rows)
         else:
             json.dump(report, f, indent=2)
             f.write("\n")
@@ -133,7 +143,7 @@ def status(journal: Journal, now: float) -> dict[str, Any]:
     errors = [
         {"at": iso(e["at"]), "SeriesInstanceUID": e["uid"], "event": e["event"], "detail": e["detail"]}
         for e in journal.events(limit=200)
-        if e["event"] in ("short", "give_up", "not_found")
+        if e["event"] in ("short", "give_up", "not_found") or e["event"].endswith("_failed")
     ][:10]
     throttle = next((e for e in journal.events(limit=500) if e["event"] == "throttle"), None)
     return {
@@ -144,6 +154,7 @@ def status(journal: Journal, now: float) -> dict[str, Any]:
         "in_flight": flying,
         "throttle": json.loads(throttle["detail"]) if throttle and throttle["detail"] else None,
         "last_errors": errors,
+        "steps": steps_summary(journal),
         "journal": str(journal.path),
         "at": iso(now),
     }

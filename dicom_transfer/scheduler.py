@@ -89,6 +89,10 @@ class AfterArrival(Protocol):
 
     def pending(self) -> list[str]: ...
 
+    def copy_count(self, series_uid: str) -> int:
+        """Instances of the series' anonymised copy at the destination (0 when none)."""
+        ...
+
 
 class StopFlag:
     """Set from a signal handler; the loop stops issuing and returns."""
@@ -313,6 +317,9 @@ class Scheduler:
             expected = len(sop_uids) if sop_uids else None
         self.dest.hint(row.uid, answer.patient_id, answer.study_uid)
         have = self.dest.count(row.uid)
+        if expected is not None and have < expected and self.after is not None:
+            # With anonymize.delete_original the original is gone once done: count the copy.
+            have = max(have, self.after.copy_count(row.uid))
         if expected is not None and have >= expected:
             self.journal.transition(
                 row.uid, State.PENDING, Event.PRESENT, f"count={have}",

@@ -21,6 +21,8 @@ from .journal import Journal, file_digest
 from .orthanc import Destination, LocalOrthanc
 from .report import build_report, write_report
 from .scheduler import RunResult, Scheduler, StopFlag
+from .steps import AfterArrivalSteps
+from .steps import validate as validate_steps
 
 log = structlog.get_logger("dicom_transfer")
 
@@ -45,7 +47,8 @@ class Outcome:
         if self.result.stopped:
             return 3
         studies_failed = any(s["state"] == "failed" for s in self.report.get("studies", []))
-        return 1 if self.report["summary"]["failed"] or studies_failed else 0
+        steps_failed = any(c["failed"] for c in self.report.get("steps", {}).values())
+        return 1 if self.report["summary"]["failed"] or studies_failed or steps_failed else 0
 
 
 def default_journal(batch: Path) -> Path:
@@ -159,20 +162,21 @@ def run_batch(
     clock: Callable[[], float] = time.time,
 ) -> Outcome:
     """The main job. Bad input raises before anything is written."""
-    for key in ("export", "tags", "anonymize"):
-        if getattr(cfg, key) is not None:
-            raise ConfigError(key, "this post-arrival step is not available in this version; set it to null")
+    validate_steps(cfg)  # export/tags/anonymize keys and the lookup table: exit 2 before anything
     rows = read_batch(batch)
     journal_path = journal_path or default_journal(batch)
     local, dest = connect(cfg)
     started = clock()
     journal = Journal(journal_path, clock=clock)
+    after: AfterArrivalSteps | None = None
     try:
         plan(journal, batch, rows, cfg, local)
         stop = StopFlag()
+        after = AfterArrivalSteps(cfg, journal, dest, show_phi=show_phi, stop=stop)
         scheduler = Scheduler(
             cfg, journal, local, dest,
             clock=clock, until_window_end=until_window_end, stop=stop, on_progress=on_progress,
+            after=after if after.enabled else None,
         )  # fmt: skip
         with _signals(stop):
             try:
@@ -187,6 +191,8 @@ def run_batch(
             write_report(report, report_path)
         return Outcome(report, result, journal_path, report_path)
     finally:
+        if after is not None:
+            after.close()
         journal.close()
         local.close()
         dest.close()
