@@ -92,6 +92,7 @@ class TransferConfig:
     backoff_s: float = 5.0
     backoff_max_s: float = 300.0
     cooldown_s: float = 10.0
+    unreachable_s: float = 900.0
     move_method: str = "auto"  # auto | move-job | retrieve-job
 
 
@@ -568,6 +569,7 @@ _SPEC: Spec = {
         "backoff_s": _float(0),
         "backoff_max_s": _float(0),
         "cooldown_s": _float(0),
+        "unreachable_s": _float(0),
         "move_method": _choice(MOVE_METHODS),
     },
     "filter": {

@@ -39,6 +39,21 @@ HOT_S, HOT_POLL_S = 2.0, 0.01  # a move younger than HOT_S is polled every HOT_P
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 
 
+_ASSOCIATION_FAILURES = (
+    "DicomAssociation - connecting",  # Orthanc could not open an association
+    "TCP Initialization Error",
+    "No route to host",
+    "Connection refused",
+    "Connection timed out",
+    "cannot connect",
+)
+
+
+def is_association_failure(text: str | None) -> bool:
+    """Orthanc's words for "the peer could not be reached" (as opposed to a refusal)."""
+    return bool(text) and any(marker in text for marker in _ASSOCIATION_FAILURES)
+
+
 def short_uid(uid: str) -> str:
     """The tail of a UID, enough to tell series apart in logs."""
     return uid if len(uid) <= 12 else "…" + uid[-10:]
@@ -155,7 +170,10 @@ class Scheduler:
         self._progress_at = 0.0
         self._changes_at = 0.0
         self._last_arrival_at = 0.0  # when any in-flight series last grew
-        self._series_only: set[str] = set()  # image-level repair refused or useless: move series
+        self._series_only: set[str] = set()
+        self.down_since: float | None = None  # the source stopped answering (association failures)
+        self.probe_at: float | None = None
+        self.probe_wait = 1.0  # image-level repair refused or useless: move series
         self.after = after
         self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
@@ -181,8 +199,11 @@ class Scheduler:
             if not open_now and not self.flights and self.until_window_end:
                 result = RunResult(True, "outside the time window")
                 break
+            if self._source_gone_too_long(now):
+                result = RunResult(True, f"the source did not answer for {now - (self.down_since or now):.0f} s")
+                break
             progressed = self._release_retries(now)
-            if open_now:
+            if open_now and self._source_up(now):
                 # issue first: the next series was queried ahead while the last one moved
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
@@ -195,6 +216,42 @@ class Scheduler:
         result.counts = self.journal.counts()
         self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
+
+    # -- the source unreachable: pause, probe, resume (attempts are not spent) --------
+
+    def _source_failure(self, text: str | None) -> bool:
+        """Whether `text` says the PACS could not be reached at all; if so, pause the run."""
+        if not is_association_failure(text):
+            return False
+        now = self.clock()
+        if self.down_since is None:
+            self.down_since, self.probe_wait = now, 1.0
+            self.probe_at = now + self.probe_wait
+            self.journal.record("source.unreachable", {"error": (text or "")[:300]})
+            log.warning("source.unreachable", error=(text or "")[:200])
+        return True
+
+    def _source_up(self, now: float) -> bool:
+        """False while the source is down; probes it with a C-ECHO on a capped back-off."""
+        if self.down_since is None:
+            return True
+        if self.probe_at is not None and now < self.probe_at:
+            return False
+        try:
+            self.local.echo(self.cfg.source.modality)
+        except Unreachable:
+            raise
+        except OrthancError:
+            self.probe_wait = min(self.probe_wait * 2, 30.0)
+            self.probe_at = now + self.probe_wait
+            return False
+        self.journal.record("source.reachable", {"down_s": round(now - self.down_since, 1)})
+        log.info("source.reachable", down_s=round(now - self.down_since, 1))
+        self.down_since = self.probe_at = None
+        return True
+
+    def _source_gone_too_long(self, now: float) -> bool:
+        return self.down_since is not None and not self.flights and now - self.down_since > self.t.unreachable_s
 
     def _after_one(self) -> bool:
         """Run the after-arrival steps of one series, in the gaps while moves run."""
@@ -225,7 +282,7 @@ class Scheduler:
             return
         if not self.flights:
             now = self.clock()
-            wakeups = [self.journal.next_retry_at(), self.throttle.not_before]
+            wakeups = [self.journal.next_retry_at(), self.throttle.not_before, self.probe_at]
             if not open_now and self.window is not None:
                 wakeups.append(self.window.next_open(now))
             future = [w - now for w in wakeups if w is not None and w > now]
@@ -348,6 +405,12 @@ class Scheduler:
             return None
 
     def _query_failed(self, row: SeriesRow, reason: str) -> None:
+        if self._source_failure(reason):  # not this series' fault: no attempt spent
+            self.journal.transition(
+                row.uid, State.PENDING, Event.SHORT, "source unreachable",
+                next_attempt_at=self.probe_at, reason="source unreachable",
+            )  # fmt: skip
+            return
         attempts = row.attempts + 1
         if attempts >= self.t.max_attempts:
             self.journal.transition(row.uid, State.PENDING, Event.GIVE_UP, reason=reason, attempts=attempts)
@@ -494,11 +557,23 @@ class Scheduler:
                 self._arrived(flight, state, decision)  # moving → complete needs no job_ended row
                 progressed = True
                 continue
+            if decision.verdict is Verdict.WAIT and self._unreachable_now(flight):
+                decision = Decision(Verdict.SHORT, reason=f"move failed: {flight.job_error}")
             self._record_job_end(flight)
             if decision.verdict is Verdict.SHORT:
                 self._short(flight, flight.state, decision)
                 progressed = True
         return progressed
+
+    @staticmethod
+    def _unreachable_now(flight: Flight) -> bool:
+        """The move failed because the PACS could not be reached and nothing came: no stall wait."""
+        return (
+            flight.job_ended_at is not None
+            and not flight.job_succeeded
+            and flight.count <= flight.baseline
+            and is_association_failure(flight.job_error)
+        )
 
     def _record_job_end(self, flight: Flight) -> None:
         if flight.job_ended_at is not None and flight.state is State.MOVING:
@@ -562,6 +637,14 @@ class Scheduler:
         self.flights.pop(flight.uid, None)
         if flight.job_id and flight.job_ended_at is None:
             self.local.cancel_job(flight.job_id)
+        if flight.count <= flight.baseline and self._source_failure(flight.job_error or decision.reason):
+            # The PACS was unreachable: the attempt is given back and the run pauses.
+            self.journal.transition(
+                flight.uid, state, Event.SHORT, "source unreachable",
+                reason="source unreachable", received=flight.count, next_attempt_at=self.probe_at,
+                attempts=flight.attempt - 1,
+            )  # fmt: skip
+            return
         reason = decision.reason or "short"
         if flight.job_error and "refused" not in reason:
             reason += f"; move job: {flight.job_error}"

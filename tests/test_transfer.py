@@ -290,3 +290,37 @@ def test_changed_filter_on_rerun_is_refused(same: Stack, tmp_path: Path) -> None
     res = run_cli("--batch", batch, "--config", cfg)
     assert res.returncode == 2
     assert "filter: changed since" in res.stderr
+
+
+def test_source_down_mid_batch_spends_no_attempts(separate: Stack, tmp_path: Path) -> None:
+    """The PACS gone for a while: the run pauses, probes, resumes; with max_attempts 1 nothing fails."""
+    series, batch = setup_batch(separate, tmp_path, n=6, per=30, seed=41)
+    cfg = write_config(tmp_path / "t.yaml", separate, max_attempts=1, pause_s=0.3)
+    journal = tmp_path / "series.journal.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "main.py"), "--batch", str(batch), "--config", str(cfg), "--json"],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if journal.exists():
+            try:
+                done = sqlite3.connect(journal).execute("SELECT COUNT(*) FROM series WHERE state='complete'").fetchone()
+            except sqlite3.OperationalError:
+                continue
+            if done[0] >= 1:
+                break
+    separate.pacs.kill()  # the hospital side disappears mid-batch
+    time.sleep(4)
+    separate.pacs.restart()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["complete"] == 6
+    events = [e for (e,) in sqlite3.connect(journal).execute("SELECT event FROM events WHERE uid IS NULL")]
+    assert "source.unreachable" in events and "source.reachable" in events
+    for s in series:
+        assert series_count(separate.dest, s.series_uid) == 30
