@@ -148,7 +148,7 @@ class Scheduler:
         self.clock = clock
         self.sleep = sleep
         self.until_window_end = until_window_end
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()  # a StopFlag is falsy until set
         self.on_progress = on_progress
         self.rng = rng or random.Random()
         self.window = (
