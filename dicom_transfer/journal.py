@@ -277,6 +277,12 @@ class Journal:
         row = self.db.execute("SELECT MIN(next_attempt_at) FROM series WHERE state='waiting_retry'").fetchone()
         return row[0] if row else None
 
+    def has_work(self) -> bool:
+        """Any series not yet complete or failed (an index lookup, not a count)."""
+        live = [s.value for s in State if not s.terminal]
+        sql = f"SELECT 1 FROM series WHERE state IN ({', '.join('?' * len(live))}) LIMIT 1"
+        return self.db.execute(sql, live).fetchone() is not None
+
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in State}
         for state, n in self.db.execute("SELECT state, COUNT(*) FROM series GROUP BY state"):

@@ -268,8 +268,7 @@ class Scheduler:
         return self.window is None or self.window.is_open(now)
 
     def _nothing_left(self) -> bool:
-        counts = self.journal.counts()
-        return all(counts[s.value] == 0 for s in State if not s.terminal)
+        return not self.journal.has_work()
 
     def _idle(self, open_now: bool) -> None:
         """Sleep until something may change: a poll tick, a due retry or the window."""
