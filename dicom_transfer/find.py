@@ -791,24 +791,9 @@ class FindOutcome:
 
 def open_local(cfg: Config) -> LocalOrthanc:
     """The local Orthanc, checked to answer and to know the source (else exit 2)."""
-    from .transfer import START_DEADLINE_S, PartyUnreachable, _ensure_source
+    from .transfer import open_local as open_checked
 
-    local = LocalOrthanc(
-        cfg.local.url, cfg.local.username, cfg.local.password,
-        timeout_s=QUERY_TIMEOUT_S, retry_deadline_s=START_DEADLINE_S, name="local Orthanc",
-    )  # fmt: skip
-    try:
-        try:
-            local.system()
-        except Unreachable as exc:
-            raise PartyUnreachable(f"local.url: {local.name} at {local.url} does not answer ({exc.message})") from exc
-        except OrthancError as exc:
-            raise PartyUnreachable(f"local.url: {local.name} at {local.url}: {exc}") from exc
-        _ensure_source(cfg, local)
-    except BaseException:
-        local.close()
-        raise
-    return local
+    return open_checked(cfg, timeout_s=QUERY_TIMEOUT_S)
 
 
 def _estimate(result: FindResult, journal: Path | None, rate: Rate | None) -> tuple[float | None, str]:

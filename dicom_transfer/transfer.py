@@ -18,7 +18,7 @@ from .batch import BatchRow, read_batch
 from .config import Config
 from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable
 from .journal import Journal, file_digest
-from .orthanc import Destination, LocalOrthanc
+from .orthanc import Destination, LocalOrthanc, OrthancRest
 from .report import build_report, write_report
 from .scheduler import RunResult, Scheduler, StopFlag
 from .steps import AfterArrivalSteps
@@ -56,25 +56,45 @@ def default_journal(batch: Path) -> Path:
     return batch.with_name(f"{batch.stem}.journal.sqlite")
 
 
-def connect(cfg: Config, *, deadline_s: float = START_DEADLINE_S) -> tuple[LocalOrthanc, Destination]:
-    """Open both REST ends and check at once that they answer and know the source."""
+def check_answers(party: OrthancRest, key: str) -> None:
+    """`GET /system` at start: a party that does not answer is exit 2, naming its config key."""
+    try:
+        party.system()
+    except Unreachable as exc:
+        raise PartyUnreachable(f"{key}: {party.name} at {party.url} does not answer ({exc.message})") from exc
+    except OrthancError as exc:
+        raise PartyUnreachable(f"{key}: {party.name} at {party.url}: {exc}") from exc
+
+
+def open_local(cfg: Config, *, timeout_s: float = 30.0, deadline_s: float = START_DEADLINE_S) -> LocalOrthanc:
+    """The local Orthanc, checked to answer and to know the source (else exit 2)."""
     local = LocalOrthanc(
         cfg.local.url, cfg.local.username, cfg.local.password,
-        retry_deadline_s=deadline_s, name="local Orthanc",
+        timeout_s=timeout_s, retry_deadline_s=deadline_s, name="local Orthanc",
     )  # fmt: skip
+    try:
+        check_answers(local, "local.url")
+        _ensure_source(cfg, local)
+    except BaseException:
+        local.close()
+        raise
+    return local
+
+
+def connect(cfg: Config, *, deadline_s: float = START_DEADLINE_S) -> tuple[LocalOrthanc, Destination]:
+    """Open both REST ends and check at once that they answer and know the source."""
+    local = open_local(cfg, deadline_s=deadline_s)
     user, password = cfg.destination_auth() or (None, None)
     dest = Destination(
         cfg.destination_url(), user, password,
         retry_deadline_s=deadline_s, name="destination Orthanc",
     )  # fmt: skip
-    for party, key in ((local, "local.url"), (dest, "destination.url")):
-        try:
-            party.system()
-        except Unreachable as exc:
-            raise PartyUnreachable(f"{key}: {party.name} at {party.url} does not answer ({exc.message})") from exc
-        except OrthancError as exc:
-            raise PartyUnreachable(f"{key}: {party.name} at {party.url}: {exc}") from exc
-    _ensure_source(cfg, local)
+    try:
+        check_answers(dest, "destination.url")
+    except BaseException:
+        local.close()
+        dest.close()
+        raise
     # From here on a party may be slow or restart: give it the run-time retry deadline.
     local.retry_deadline_s = dest.retry_deadline_s = cfg.transfer.move_timeout_s
     return local, dest
