@@ -7,7 +7,9 @@ C-FIND/C-MOVE) and the destination. Then the real transfer, verified, and the su
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -76,9 +78,10 @@ def run_demo(workdir: Path, *, n_series: int = 20, n_instances: int = 50, consol
             outcome = run_batch(cfg, batch, report_path=report_path, on_progress=on_progress)
         _print_summary(outcome.report, outcome.journal_path, outcome.report_path)
         held = stack.centre.rest.get("/statistics")["CountInstances"]
+        python = os.path.relpath(sys.executable) if sys.prefix != sys.base_prefix else "python"
         console.print(
             f"  the centre now holds {held} instances; try:\n"
-            f"    python main.py status --journal {outcome.journal_path}",
+            f"    {python} main.py status --journal {outcome.journal_path}",
             highlight=False,
         )
         console.print("  stopping the demo's Orthanc servers", highlight=False)
