@@ -37,10 +37,12 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -93,6 +95,8 @@ class Captured:
     rest: list[OrthancRest] = field(default_factory=list)
     journals: list[Journal] = field(default_factory=list)
     schedulers: list[Scheduler] = field(default_factory=list)
+    started: float = 0.0  # wall clock (time.time, the journal's clock) around run_batch
+    ended: float = 0.0
 
     @property
     def calls(self) -> dict[str, int]:
@@ -148,9 +152,9 @@ def run_ours(
 ) -> tuple[float, Captured]:
     _fresh(journal)
     with capture(wrap_sleep) as got:
-        t0 = time.perf_counter()
+        got.started, t0 = time.time(), time.perf_counter()
         outcome = transfer.run_batch(cfg, batch, journal_path=journal)
-        elapsed = time.perf_counter() - t0
+        elapsed, got.ended = time.perf_counter() - t0, time.time()
     s = outcome.report["summary"]
     if outcome.exit_code != 0 or s["complete"] != n:
         raise SystemExit(f"(b) did not complete: exit {outcome.exit_code}, summary {s}")
@@ -228,13 +232,13 @@ def instrument() -> Iterator[Timers]:
         return wrapper
 
     timers.sleep = sleep
-    OrthancRest._once = once  # type: ignore[method-assign]
+    setattr(OrthancRest, "_once", once)  # noqa: B010 - a timing wrapper, restored below
     for n, fn in saved.items():
         setattr(Journal, n, timed(n, fn))
     try:
         yield timers
     finally:
-        OrthancRest._once = orig_once  # type: ignore[method-assign]
+        setattr(OrthancRest, "_once", orig_once)  # noqa: B010
         for n, fn in saved.items():
             setattr(Journal, n, fn)
 
@@ -249,7 +253,7 @@ def _orthanc_time(text: str | None) -> float | None:
         return None
 
 
-def timeline(journal: Path, centre: OrthancRest) -> dict[str, list[float]]:
+def timeline(journal: Path, centre: OrthancRest, got: Captured) -> dict[str, list[float]]:
     """Per-series phases from the journal's events and Orthanc's job records (seconds)."""
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     try:
@@ -262,6 +266,11 @@ def timeline(journal: Path, centre: OrthancRest) -> dict[str, list[float]]:
     for when, uid, event in events:
         at[uid].setdefault(event, when)
     out: dict[str, list[float]] = defaultdict(list)
+    issued_all = [e["issued"] for e in at.values() if "issued" in e]
+    arrived_all = [e["arrived"] for e in at.values() if "arrived" in e]
+    if issued_all and arrived_all:  # once per run, not per series
+        out["once: run_batch called -> first issued"].append(min(issued_all) - got.started)
+        out["once: last complete -> run_batch returned"].append(got.ended - max(arrived_all))
     prev_arrived = None
     for uid in order:
         e = at[uid]
@@ -322,79 +331,108 @@ def wipe_centre(stack: Stack) -> None:
         raise SystemExit("centre not empty after wipe")
 
 
+def write_config(work: Path, stack: Stack, overrides: dict[str, Any]) -> tuple[Path, Config]:
+    """The YAML the CLI reads and the same Config for the in-process runs."""
+    raw: dict[str, Any] = {
+        "local": {"url": stack.centre.url},
+        "source": {"modality": "PACS"},
+        "destination": {"aet": "CENTRE"},
+    }
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    config = work / "transfer.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config, load_config(config, overrides=overrides)
+
+
+@dataclass
+class Bench:
+    """One stack, its data and its config; `once` runs a, b or cli on an empty centre."""
+
+    label: str
+    stack: Stack
+    series: list[SyntheticSeries]
+    batch: Path
+    journal: Path
+    config: Path
+    cfg: Config
+    res: Result
+
+    def once(self, kind: str, timed: bool) -> None:
+        res, n = self.res, len(self.series)
+        wipe_centre(self.stack)
+        if kind == "a":
+            t, moves, _ = run_baseline(self.stack, self.series)
+            if timed:
+                res.a.append(t)
+                res.a_moves.extend(moves)
+        elif kind == "b":
+            t, got = run_ours(self.cfg, self.batch, self.journal, n)
+            if timed:
+                res.b.append(t)
+                res.calls.append(got.calls)
+                res.writes.append(got.writes)
+                res.method = got.schedulers[0].method
+        else:
+            t = run_cli(self.config, self.batch, self.journal, n)
+            if timed:
+                res.cli.append(t)
+        held, total = centre_instances(self.stack), res.n * res.k
+        if held != total:
+            raise SystemExit(f"({kind}) centre holds {held} instances, expected {total}")
+        print(f"  [{self.label}] {'run ' if timed else 'warm-up '}{kind:<3} {t:7.3f} s", file=sys.stderr)
+
+    def instrumented(self) -> None:
+        """(b) with timers: wall time by REST endpoint, sleeps, journal; per-series timeline."""
+        wipe_centre(self.stack)
+        with instrument() as timers:
+            t, got = run_ours(self.cfg, self.batch, self.journal, len(self.series), timers.sleep)
+        phases = timeline(self.journal, self.stack.centre.rest, got)
+        self.res.breakdown = breakdown_text(self.res, timers, phases, t)
+
+    def profiled(self) -> str:
+        wipe_centre(self.stack)
+        prof = cProfile.Profile()
+        prof.enable()
+        t, _ = run_ours(self.cfg, self.batch, self.journal, len(self.series))
+        prof.disable()
+        return profile_text(self.res, prof, t)
+
+
 def bench_version(label: str, args: argparse.Namespace, profile_out: list[str]) -> Result:
     command = NEW_ORTHANC if label == "new" else None
-    if command is not None:
+    if command is not None:  # builds the 1.12 tree if needed; instant when cached
         subprocess.run(["bash", str(REPO / ".ci" / "orthanc-new"), "build"], check=True, capture_output=True)
     work = OUT / label
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    n, k = args.series, args.instances
-    series = make_series(n, k, seed=args.seed)
+    series = make_series(args.series, args.instances, seed=args.seed)
     batch = write_batch_csv(series, work / "batch.csv")
-    journal = work / "journal.sqlite"
-
-    with start_stack(work / "stack", "same", pacs_command=command, centre_command=command) as stack:
+    storage = (Path(args.storage) / f"dicom-transfer-bench-{label}") if args.storage else work / "stack"
+    shutil.rmtree(storage, ignore_errors=True)
+    with start_stack(storage, "same", pacs_command=command, centre_command=command) as stack:
         version = stack.centre.rest.system()["Version"]
         pacs_version = stack.pacs.rest.system()["Version"]
         if pacs_version != version:
             version = f"{version} (pacs {pacs_version})"
         upload(stack.pacs.rest, series)
-        config = work / "transfer.yaml"
-        config.write_text(
-            f"local: {{url: {stack.centre.url}}}\n"
-            "source: {modality: PACS}\n"
-            "destination: {aet: CENTRE}\n"
-            "transfer: {max_in_flight: 1}\n"
-        )
-        cfg = load_config(config, overrides={"transfer.max_in_flight": 1})
-        res = Result(label, version, n, k)
-        total = n * k
-
-        def do(kind: str, timed: bool) -> None:
-            wipe_centre(stack)
-            if kind == "a":
-                t, moves, _ = run_baseline(stack, series)
-                if timed:
-                    res.a.append(t)
-                    res.a_moves.extend(moves)
-            elif kind == "b":
-                t, got = run_ours(cfg, batch, journal, n)
-                if timed:
-                    res.b.append(t)
-                    res.calls.append(got.calls)
-                    res.writes.append(got.writes)
-                    res.method = got.schedulers[0].method
-            else:
-                t = run_cli(config, batch, journal, n)
-                if timed:
-                    res.cli.append(t)
-            held = centre_instances(stack)
-            if held != total:
-                raise SystemExit(f"({kind}) centre holds {held} instances, expected {total}")
-            print(f"  [{label}] {'run ' if timed else 'warm-up '}{kind:<3} {t:7.3f} s", file=sys.stderr)
-
+        config, cfg = write_config(work, stack, {"transfer.max_in_flight": 1, **args.overrides})
+        res = Result(label, version, args.series, args.instances)
+        bench = Bench(label, stack, series, batch, work / "journal.sqlite", config, cfg, res)
+        kinds = ("a", "b", "cli") if args.cli else ("a", "b")
         for _ in range(args.warmup):
-            for kind in ("a", "b", "cli"):
-                do(kind, timed=False)
-        for r in range(args.repeat):
-            for kind in ("a", "b", "cli") if r % 2 == 0 else ("cli", "b", "a"):
-                do(kind, timed=True)
-
-        # Instrumented (b): wall time by REST endpoint, sleeps, journal; per-series timeline.
-        wipe_centre(stack)
-        with instrument() as timers:
-            t_inst, _ = run_ours(cfg, batch, journal, n, timers.sleep)
-        phases = timeline(journal, stack.centre.rest)
-        res.breakdown = breakdown_text(res, timers, phases, t_inst)
-
-        # Profiled (b).
-        wipe_centre(stack)
-        prof = cProfile.Profile()
-        prof.enable()
-        t_prof, _ = run_ours(cfg, batch, journal, n)
-        prof.disable()
-        profile_out.append(profile_text(res, prof, t_prof))
+            for kind in kinds:
+                bench.once(kind, timed=False)
+        for r in range(args.repeat):  # a, b, cli; then cli, b, a; ...
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                bench.once(kind, timed=True)
+        bench.instrumented()
+        if args.profile:
+            profile_out.append(bench.profiled())
     return res
 
 
@@ -402,7 +440,7 @@ def bench_version(label: str, args: argparse.Namespace, profile_out: list[str]) 
 # Output
 
 
-def med(xs: list[float]) -> float:
+def med(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
@@ -420,9 +458,10 @@ def table(results: list[Result]) -> str:
         )
     lines.append(f"(medians; target a/b >= {TARGET_RATIO}; '<' marks a miss)")
     for r in results:
-        lines.append(
-            f"runs {r.label}: a {fmt(r.a)} | b {fmt(r.b)} | cli {fmt(r.cli)}"
-        )
+        paired = [x / y for x, y in zip(r.a, r.b, strict=True)]
+        lines.append(f"a/b per repeat {r.label}: {fmt(paired)} (median {med(paired):.3f})")
+    for r in results:
+        lines.append(f"runs {r.label} (s): a {fmt(r.a)} | b {fmt(r.b)} | cli {fmt(r.cli)}")
     return "\n".join(lines)
 
 
@@ -460,20 +499,28 @@ def breakdown_text(r: Result, timers: Timers, phases: dict[str, list[float]], t_
         )
     sleeps = timers.sleeps
     journal_total = sum(sum(v) for v in timers.journal.values())
-    lines.append(f"  {'all REST (blocking, the move itself included)':<58} {'':>12} {'':>8} {rest_total / n * 1000:10.2f}")
+    lines.append(
+        f"  {'all REST (blocking, the move itself included)':<58} {'':>12} {'':>8} {rest_total / n * 1000:10.2f}"
+    )
     lines.append(
         f"  {'scheduler sleeps (poll_s)':<58} {len(sleeps) / n:12.2f} "
         f"{(sum(sleeps) / len(sleeps) * 1000 if sleeps else 0):8.2f} {sum(sleeps) / n * 1000:10.2f}"
     )
     lines.append(f"  {'journal (SQLite) methods':<58} {'':>12} {'':>8} {journal_total / n * 1000:10.2f}")
     for name, ts in sorted(timers.journal.items(), key=lambda kv: -sum(kv[1]))[:6]:
-        lines.append(f"    {'Journal.' + name:<56} {len(ts) / n:12.2f} {sum(ts) / len(ts) * 1000:8.3f} {sum(ts) / n * 1000:10.2f}")
+        per_call, per_series = sum(ts) / len(ts) * 1000, sum(ts) / n * 1000
+        lines.append(f"    {'Journal.' + name:<56} {len(ts) / n:12.2f} {per_call:8.3f} {per_series:10.2f}")
     other = t_inst - rest_total - sum(sleeps) - journal_total
-    lines.append(f"  {'everything else (Python, logging, start-up)':<58} {'':>12} {'':>8} {other / n * 1000:10.2f}")
+    label = "everything else (Python, logging, start-up)"
+    if r.method == "blocking":
+        label = "rest (<0: the move's REST call runs in a worker thread)"
+    lines.append(f"  {label:<58} {'':>12} {'':>8} {other / n * 1000:10.2f}")
     if phases:
-        lines.append(f"  {'per-series timeline (median ms)':<58}")
+        lines.append(f"  {'timeline from journal events and Orthanc job times (median ms)':<58}")
         for name, xs in phases.items():
-            lines.append(f"    {name:<56} {med(xs) * 1000:10.1f}   (min {min(xs) * 1000:.1f}, max {max(xs) * 1000:.1f})")
+            lines.append(
+                f"    {name:<56} {med(xs) * 1000:10.1f}   (min {min(xs) * 1000:.1f}, max {max(xs) * 1000:.1f})"
+            )
     return "\n".join(lines)
 
 
@@ -496,19 +543,41 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of a, b and cli first")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--storage", metavar="DIR",
+        help="where the Orthancs keep their files (default bench/out/<orthanc>/stack); /dev/shm cuts disk noise",
+    )  # fmt: skip
+    parser.add_argument("--no-cli", dest="cli", action="store_false", help="skip the CLI runs")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the cProfile run")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="config override for (b), e.g. transfer.poll_s=0.01 (YAML value; repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
+    args.overrides = {}
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        args.overrides[key.strip()] = yaml.safe_load(value)
     os.environ["TCP_NODELAY"] = "1"  # the stack sets it for Orthanc; harmless here
     logs.configure(quiet=True)  # as `main.py --json`: warnings only
     OUT.mkdir(parents=True, exist_ok=True)
     labels = ["host", "new"] if args.orthanc == "both" else [args.orthanc]
-    results, profiles = [], []
+    results: list[Result] = []
+    profiles: list[str] = []
+    load_before = os.getloadavg()[0]
     for label in labels:
         results.append(bench_version(label, args, profiles))
-    text = table(results) + "\n\n" + "\n\n".join(r.breakdown for r in results) + "\n"
+    load = f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs"
+    text = table(results) + "\n" + load + "\n\n" + "\n\n".join(r.breakdown for r in results) + "\n"
+    if args.overrides:
+        text = f"(b) config overrides: {args.overrides}\n" + text
     print(text)
     (OUT / "results.txt").write_text(text)
-    (OUT / "profile.txt").write_text("\n\n".join(profiles))
-    print(f"profile: {OUT / 'profile.txt'}")
+    if profiles:
+        (OUT / "profile.txt").write_text("\n\n".join(profiles))
+        print(f"profile: {OUT / 'profile.txt'}")
 
 
 if __name__ == "__main__":
