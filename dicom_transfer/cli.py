@@ -15,7 +15,14 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import logs
 from .config import Config, load_config
@@ -118,22 +125,34 @@ class _progress:
         self.bar: Progress | None = None
         self.task: Any = None
         self.last = 0.0
+        self.started = 0.0
+        self.first = 0
 
     def __enter__(self) -> Callable[[dict[str, int]], None]:
         if not self.quiet and sys.stderr.isatty():
             self.bar = Progress(
                 TextColumn("[bold]series"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err,
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=err,
             )  # fmt: skip
             self.bar.start()
             self.task = self.bar.add_task("series", total=None, detail="")
         return self.update
 
     def update(self, counts: dict[str, int]) -> None:
-        total = sum(counts.values())
+        instances = counts.get("instances", 0)
+        states = {k: v for k, v in counts.items() if k not in ("instances", "limit")}
+        total = sum(states.values())
         done = counts["complete"] + counts["failed"]
         flying = counts["moving"] + counts["verifying"]
-        detail = f"in flight {flying}, failed {counts['failed']}, retry {counts['waiting_retry']}"
+        if not self.started:
+            self.started, self.first = time.monotonic(), instances
+        elapsed = time.monotonic() - self.started
+        rate = (instances - self.first) / elapsed if elapsed > 1 else 0.0
+        detail = (
+            f"{instances} inst, {rate:.0f} inst/s, in flight {flying}/{counts.get('limit', '?')},"
+            f" failed {counts['failed']}, retry {counts['waiting_retry']}"
+        )
         if self.bar is not None:
             self.bar.update(self.task, total=total, completed=done, detail=detail)
         elif not self.quiet and time.monotonic() - self.last >= PROGRESS_EVERY_S:

@@ -296,7 +296,10 @@ class Scheduler:
         now = time.monotonic()
         if self.on_progress is not None and now - self._progress_at >= PROGRESS_EVERY_S:
             self._progress_at = now
-            self.on_progress(self.journal.counts())
+            info = self.journal.counts()
+            info["instances"] = self.journal.totals()["instances"]
+            info["limit"] = self.throttle.limit
+            self.on_progress(info)
 
     # -- start-up: reclaim what a previous run left in flight -----------------------
 
