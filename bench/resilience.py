@@ -76,11 +76,23 @@ def cli(*args: object, timeout: float = 180) -> subprocess.CompletedProcess[str]
     )  # fmt: skip
 
 
-def cli_popen(*args: object) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "main.py"), *map(str, args)],
-        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+def cli_popen(*args: object, log: Path) -> subprocess.Popen[bytes]:
+    """The CLI in the background, its stderr appended to `log` (an unread pipe could fill and block it)."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "main.py"), *map(str, args)],
+            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=fh,
+        )  # fmt: skip
+
+
+def finish_background(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> int:
+    """Wait for a background CLI run (killed after `timeout` s) and return its exit code."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the run did not end within {timeout} s; see {log}") from None
 
 
 def write_config(
@@ -140,7 +152,10 @@ def complete_but_short(path: Path, dest: OrthancRest) -> list[str]:
     return bad
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None):
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll `condition` every 10 ms; fail if `proc` ends first or after `timeout` s."""
     deadline = time.monotonic() + timeout
     while not condition():
         if proc is not None and proc.poll() is not None:
@@ -180,10 +195,6 @@ class Result:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     stderr: str = ""
-
-    @property
-    def all_there(self) -> bool:
-        return all(self.at_destination.get(uid, 0) >= n for uid, n in self.expected.items())
 
     def row(self) -> list[str]:
         moved = "?" if self.moved is None else str(self.moved)
@@ -343,15 +354,12 @@ def r3_kills(
     for _ in range(kills):
         delay = rng.uniform(*window)
         started = time.monotonic()
-        proc = cli_popen("--batch", batch, "--config", cfg)
+        proc = cli_popen("--batch", batch, "--config", cfg, log=workdir / "runs.log")
         try:
             codes.append(proc.wait(timeout=delay))  # finished before its kill point
-            proc.stderr.close() if proc.stderr else None
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
             codes.append(-9)
             violations += complete_but_short(journal, dest.rest)
             killed_at.append((round(delay, 2), sum(r["state"] == "complete" for r in journal_rows(journal))))
@@ -443,7 +451,7 @@ def r4_restart(
     journal = workdir / "series.journal.sqlite"
     need_job = method != "blocking"
     started = time.monotonic()
-    proc = cli_popen("--batch", batch, "--config", cfg, "--json")
+    proc = cli_popen("--batch", batch, "--config", cfg, "--json", log=workdir / "run.log")
     found: dict[str, Any] = {}
 
     def mid_series() -> bool:
@@ -468,13 +476,8 @@ def r4_restart(
             job_after = "still there"
         except OrthancError as exc:
             job_after = f"HTTP {exc.status}"
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    codes = [proc.returncode]
-    stderr = err.decode(errors="replace")
+    codes = [finish_background(proc, workdir / "run.log")]
+    stderr = (workdir / "run.log").read_text(errors="replace")
     if proc.returncode == 3:  # stopped with work left: the same command resumes
         res = cli("--batch", batch, "--config", cfg, "--json")
         codes.append(res.returncode)
@@ -539,18 +542,13 @@ def r5_dest_down(
     )  # fmt: skip
     journal = workdir / "series.journal.sqlite"
     started = time.monotonic()
-    proc = cli_popen("--batch", batch, "--config", cfg, "--json")
+    proc = cli_popen("--batch", batch, "--config", cfg, "--json", log=workdir / "run.log")
     wait_until(lambda: sum(r["state"] == "complete" for r in journal_rows(journal)) >= 2, 30, "2 complete", proc)
     stack.dest.kill()
     time.sleep(down_s)
     stack.dest.restart()
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    codes = [proc.returncode]
-    stderr = err.decode(errors="replace")
+    codes = [finish_background(proc, workdir / "run.log")]
+    stderr = (workdir / "run.log").read_text(errors="replace")
     if proc.returncode == 3:
         res = cli("--batch", batch, "--config", cfg, "--json")
         codes.append(res.returncode)
