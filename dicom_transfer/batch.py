@@ -364,6 +364,11 @@ def _read(it: Iterator[str], lines: _Lines, out: _Collector) -> list[BatchRow]:
                 row = checker.check(cells, start)
                 if row is not None:
                     rows.append(row)
+                elif out.total >= MAX_PROBLEMS and len(rows) < out.total // 100:
+                    # Mostly garbage: say so now, in a few lines, rather than read gigabytes to count it.
+                    found = out.total
+                    out.kept, out.total = out.kept[:2], min(2, out.total)
+                    raise _Fatal(start, 1, f"stopped after {found} problems and {len(rows)} good rows: not a batch CSV")
     except csv.Error as exc:
         raise _Fatal(last + 1, 1, f"not valid CSV ({exc})") from None
     if not rows and not out.total:

@@ -774,7 +774,7 @@ class FindOutcome:
             "series": len(r.series),
             "instances": r.instances,
             "series_without_count": r.without_count,
-            "estimate_s": round(self.estimate_s, 1) if self.estimate_s is not None else None,
+            "estimate_s": round(self.estimate_s, 3) if self.estimate_s is not None else None,
             "estimate": self.estimate_note,
             "queries": s.queries,
             "refused": s.refused,

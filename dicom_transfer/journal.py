@@ -274,7 +274,8 @@ class Journal:
         return [SeriesRow.from_sql(r) for r in self.db.execute(sql, (now,))]
 
     def next_retry_at(self) -> float | None:
-        row = self.db.execute("SELECT MIN(next_attempt_at) FROM series WHERE state='waiting_retry'").fetchone()
+        sql = "SELECT MIN(COALESCE(next_attempt_at, 0)) FROM series WHERE state='waiting_retry'"
+        row = self.db.execute(sql).fetchone()
         return row[0] if row else None
 
     def has_work(self) -> bool:

@@ -80,6 +80,8 @@ class OrthancRest:
             password=password,
             return_raw_response=True,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
+            # Plain http needs no CA bundle; loading it costs ~20 ms per client.
+            verify=not self.url.startswith("http://"),
         )
         self.calls = 0
 
@@ -310,7 +312,9 @@ class LocalOrthanc(OrthancRest):
             "SeriesDescription": "",
         }
         _, answers = self.query(modality, "Series", query)
-        return [self._series_answer(a) for a in answers if a.get("SeriesInstanceUID")]
+        # Some PACS answer a SERIES query once per instance: one answer per series counts.
+        unique = {str(a["SeriesInstanceUID"]): a for a in reversed(answers) if a.get("SeriesInstanceUID")}
+        return [self._series_answer(a) for a in reversed(unique.values())]
 
     def find_study_of_series(self, modality: str, series_uid: str) -> list[SeriesAnswer]:
         """Series without its StudyInstanceUID: ask the source (Study Root, empty study key)."""

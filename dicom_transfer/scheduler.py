@@ -37,6 +37,7 @@ RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at leas
 CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at most this often
 HOT_S, HOT_POLL_S = 2.0, 0.01  # a move younger than HOT_S is polled every HOT_POLL_S (small series end fast)
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
+OVERTAKEN_GRACE_S = 0.5  # a later move delivering this long after ours ended: ours was dropped
 
 
 _ASSOCIATION_FAILURES = (
@@ -45,7 +46,6 @@ _ASSOCIATION_FAILURES = (
     "No route to host",
     "Connection refused",
     "Connection timed out",
-    "cannot connect",
 )
 
 
@@ -77,6 +77,7 @@ class Flight:
     first_issued_at: float | None = None
     job_succeeded: bool = False
     subset: bool = False  # this attempt moves only the missing instances
+    issued_here: bool = True  # False for a move reclaimed from an earlier run
     job_error: str | None = None
     job_dimse: int | None = None
     count: int = 0
@@ -170,6 +171,9 @@ class Scheduler:
         self._progress_at = 0.0
         self._changes_at = 0.0
         self._last_arrival_at = 0.0  # when any in-flight series last grew
+        self._next_retry_at: float | None = None  # earliest waiting_retry, kept in memory
+        self._moved_ok = False  # a move of this run delivered: 0xA801 is then not a config error
+        self._latest_delivering_issue = 0.0  # issue time of the latest move seen delivering
         self._series_only: set[str] = set()
         self.down_since: float | None = None  # the source stopped answering (association failures)
         self.probe_at: float | None = None
@@ -189,6 +193,19 @@ class Scheduler:
         log.info("run.start", method=self.method, max_in_flight=self.t.max_in_flight)
         self._reclaim()
         self._queried = len(self.journal.rows(State.QUERIED))
+        self._next_retry_at = self.journal.next_retry_at()
+        result = RunResult()
+        try:
+            result = self._loop()
+        except Unreachable as exc:
+            result = RunResult(True, f"a party stopped answering: {exc}")
+            raise
+        finally:
+            result.counts = self.journal.counts()
+            self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
+        return result
+
+    def _loop(self) -> RunResult:
         result = RunResult()
         while True:
             now = self.clock()
@@ -213,8 +230,6 @@ class Scheduler:
                 break
             if not progressed and not self._after_one():
                 self._idle(open_now)
-        result.counts = self.journal.counts()
-        self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
 
     # -- the source unreachable: pause, probe, resume (attempts are not spent) --------
@@ -323,6 +338,7 @@ class Scheduler:
                 last_growth_at=now,
                 state=State.VERIFYING,
                 first_issued_at=row.first_issued_at,
+                issued_here=False,
             )
             if row.job_id:
                 status = self.local.job_status(row.job_id)
@@ -335,10 +351,19 @@ class Scheduler:
     # -- retries ----------------------------------------------------------------------
 
     def _release_retries(self, now: float) -> bool:
+        if self._next_retry_at is None or now < self._next_retry_at:
+            return False  # known from memory: no query on every pass of the loop
         due = self.journal.due_retries(now)
         for row in due:
             self.journal.transition(row.uid, State.WAITING_RETRY, Event.RETRY_DUE)
+        self._next_retry_at = self.journal.next_retry_at()
         return bool(due)
+
+    def _retry_at(self, when: float | None) -> float | None:
+        """Note a scheduled retry (for _release_retries); returns `when`."""
+        if when is not None and (self._next_retry_at is None or when < self._next_retry_at):
+            self._next_retry_at = when
+        return when
 
     def _backoff(self, attempt: int) -> float:
         base = min(self.t.backoff_max_s, self.t.backoff_s * (2 ** max(0, attempt - 1)))
@@ -410,7 +435,7 @@ class Scheduler:
         if self._source_failure(reason):  # not this series' fault: no attempt spent
             self.journal.transition(
                 row.uid, State.PENDING, Event.SHORT, "source unreachable",
-                next_attempt_at=self.probe_at, reason="source unreachable",
+                next_attempt_at=self._retry_at(self.probe_at), reason="source unreachable",
             )  # fmt: skip
             return
         attempts = row.attempts + 1
@@ -420,8 +445,9 @@ class Scheduler:
             return
         when = self.clock() + self._backoff(attempts)
         self.journal.transition(
-            row.uid, State.PENDING, Event.SHORT, reason, attempts=attempts, next_attempt_at=when, reason=reason
-        )
+            row.uid, State.PENDING, Event.SHORT, reason,
+            attempts=attempts, next_attempt_at=self._retry_at(when), reason=reason,
+        )  # fmt: skip
         log.info("series.query_retry", series=short_uid(row.uid), attempt=attempts, error=reason)
 
     # -- moves ------------------------------------------------------------------------
@@ -503,6 +529,11 @@ class Scheduler:
         def work() -> None:
             try:
                 future.set_result(mover.move_blocking(*args))
+            except Unreachable as exc:
+                if "cannot connect" in exc.message:  # the local Orthanc itself is gone: stop (exit 3)
+                    future.set_exception(exc)
+                else:
+                    future.set_result(JobStatus("Failure", f"no answer to the move: {exc.message}"))
             except OrthancError as exc:  # no answer in time: the count will tell
                 future.set_result(JobStatus("Failure", f"no answer to the move: {exc.message}"))
             except BaseException as exc:  # pragma: no cover - surfaced in the main thread
@@ -513,11 +544,7 @@ class Scheduler:
 
     def _refused(self, flight: Flight, exc: OrthancError) -> None:
         status = dimse_from_error(exc)
-        if status == 0xA801:
-            raise DestinationUnknown(
-                f"the source does not know the move destination AE title {self.cfg.destination.aet!r}"
-                " (C-MOVE status 0xA801): add it to the PACS's configuration"
-            )
+        self._check_a801(status)
         flight.job_dimse = status
         self._short(flight, State.MOVING, Decision(Verdict.SHORT, reason=f"move refused: {exc.details or exc.message}"))
 
@@ -561,11 +588,27 @@ class Scheduler:
                 continue
             if decision.verdict is Verdict.WAIT and self._unreachable_now(flight):
                 decision = Decision(Verdict.SHORT, reason=f"move failed: {flight.job_error}")
+            elif decision.verdict is Verdict.WAIT and self._overtaken(flight, now):
+                decision = Decision(Verdict.SHORT, reason="dropped: a later move delivered first", pacs_full=True)
             self._record_job_end(flight)
             if decision.verdict is Verdict.SHORT:
                 self._short(flight, flight.state, decision)
                 progressed = True
         return progressed
+
+    def _overtaken(self, flight: Flight, now: float) -> bool:
+        """Acknowledged, nothing came, and a move issued after it has delivered: dropped.
+
+        PACS serve their move queue in order; waiting `stall_s` after the whole queue went
+        quiet would find the drop only at the end of a busy pipeline.
+        """
+        return (
+            flight.job_ended_at is not None
+            and flight.job_succeeded
+            and flight.count <= flight.baseline
+            and self._latest_delivering_issue > flight.issued_at
+            and now - flight.job_ended_at >= OVERTAKEN_GRACE_S
+        )
 
     @staticmethod
     def _unreachable_now(flight: Flight) -> bool:
@@ -598,19 +641,29 @@ class Scheduler:
         flight.job_ended_at = now
         flight.job_succeeded = status.succeeded
         flight.job_error, flight.job_dimse = status.error, status.dimse_status
-        if status.dimse_status == 0xA801:
+        self._check_a801(status.dimse_status)
+        flight.job_detail = status.state + (f": {status.error}" if status.error else "")
+        log.info("move.ended", series=short_uid(flight.uid), job_state=status.state, dimse=status.dimse_status)
+        return True
+
+    def _check_a801(self, status: int | None) -> None:
+        """0xA801 before any move delivered: the PACS does not know our AE title (config).
+
+        After moves have delivered, the same status means the PACS could not reach the
+        destination just now (pynetdicom-based PACS answer A801 then): pause and retry.
+        """
+        if status == 0xA801 and not self._moved_ok:
             raise DestinationUnknown(
                 f"the source does not know the move destination AE title {self.cfg.destination.aet!r}"
                 " (C-MOVE status 0xA801): add it to the PACS's configuration"
             )
-        flight.job_detail = status.state + (f": {status.error}" if status.error else "")
-        log.info("move.ended", series=short_uid(flight.uid), job_state=status.state, dimse=status.dimse_status)
-        return True
 
     def _recount(self, flight: Flight, now: float) -> None:
         count = self.dest.count(flight.uid)
         if count > flight.count:
             flight.last_growth_at = self._last_arrival_at = now
+            self._moved_ok = True
+            self._latest_delivering_issue = max(self._latest_delivering_issue, flight.issued_at)
         flight.count, flight.counted_at = count, now
 
     def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
@@ -639,11 +692,14 @@ class Scheduler:
         self.flights.pop(flight.uid, None)
         if flight.job_id and flight.job_ended_at is None:
             self.local.cancel_job(flight.job_id)
-        if flight.count <= flight.baseline and self._source_failure(flight.job_error or decision.reason):
+        unreachable = flight.job_error or decision.reason
+        if flight.job_dimse == 0xA801:  # (only reached once moves have worked: see _check_a801)
+            unreachable = f"DicomAssociation - connecting: the PACS could not reach {self.cfg.destination.aet}"
+        if flight.count <= flight.baseline and self._source_failure(unreachable):
             # The PACS was unreachable: the attempt is given back and the run pauses.
             self.journal.transition(
                 flight.uid, state, Event.SHORT, "source unreachable",
-                reason="source unreachable", received=flight.count, next_attempt_at=self.probe_at,
+                reason="source unreachable", received=flight.count, next_attempt_at=self._retry_at(self.probe_at),
                 attempts=flight.attempt - 1,
             )  # fmt: skip
             return
@@ -657,9 +713,10 @@ class Scheduler:
             pass  # the same burst as a "full" already acted on: halve once, as TCP does per window
         elif out_of_resources:
             self._throttle_changed(self.throttle.full(f"pacs full (0x{flight.job_dimse:04X})"))
-        elif decision.pacs_full and flight.job_dimse is None:
-            # Acknowledged, then nothing arrived: the PACS dropped it from a full queue.
-            self._throttle_changed(self.throttle.full("nothing delivered"))
+        elif decision.pacs_full and flight.job_dimse is None and flight.issued_here:
+            # Acknowledged, then nothing arrived: the PACS dropped it from a full queue. The
+            # cool-down counts from the PACS's last delivery: it may have been idle since.
+            self._throttle_changed(self.throttle.full("nothing delivered", since=self._last_arrival_at or None))
         if flight.attempt >= self.t.max_attempts:
             final = f"{reason} after {flight.attempt} attempts"
             self.journal.transition(
@@ -670,7 +727,7 @@ class Scheduler:
         when = self.clock() + self._backoff(flight.attempt)
         self.journal.transition(
             flight.uid, state, Event.SHORT, reason,
-            reason=reason, received=flight.count, next_attempt_at=when,
+            reason=reason, received=flight.count, next_attempt_at=self._retry_at(when),
         )  # fmt: skip
         log.info(
             "series.short", series=short_uid(flight.uid), received=flight.count,

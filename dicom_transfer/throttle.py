@@ -47,12 +47,17 @@ class Throttle:
         """In a cool-down: a further "full" now belongs to the same burst (halve once per burst)."""
         return self.clock() < self.not_before and self.cooldown_level > 0
 
-    def full(self, why: str) -> dict[str, Any]:
-        """The PACS refused for resources or dropped a move: halve, and cool down longer each time."""
+    def full(self, why: str, since: float | None = None) -> dict[str, Any]:
+        """The PACS refused for resources or dropped a move: halve, and cool down longer each time.
+
+        `since`: when the PACS was last seen working (the cool-down counts from then, so a
+        PACS already idle is not left waiting a second time).
+        """
         self.streak = 0
         self.cooldown_level += 1
         wait = self.cooldown_s * (2 ** (self.cooldown_level - 1))
-        self.not_before = max(self.not_before, self.clock() + wait)
+        start = self.clock() if since is None else min(self.clock(), since)
+        self.not_before = max(self.not_before, start + wait)
         change = self._change(max(1, self.limit // 2), why)
         change["cooldown_s"] = wait
         return change

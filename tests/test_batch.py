@@ -326,13 +326,23 @@ def test_100k_rows_parse_fast(tmp_path):
 
 
 def test_many_problems_are_counted_but_not_all_kept(tmp_path):
-    """A huge bad file keeps at most 10,000 problems but counts every one, quickly."""
-    path = write(tmp_path, "SeriesInstanceUID\n" + "1.2.x\n" * 50_000)
+    """A big file with good rows among 12,000 bad ones keeps 10,000 problems and counts all."""
+    path = write(tmp_path, "SeriesInstanceUID\n" + "".join(f"1.2.x\n1.2.{i}\n" for i in range(1, 12_001)))
     start = time.perf_counter()
     with pytest.raises(BatchError) as info:
         read_batch(path)
     assert time.perf_counter() - start < 2.0
-    assert len(info.value.problems) == 10_000 and info.value.total == 50_000
+    assert len(info.value.problems) == 10_000 and info.value.total == 12_000
+
+
+def test_mostly_garbage_stops_early_in_few_lines(tmp_path):
+    """50,000 bad rows and no good one: stopped after 10,000 problems, reported in three lines."""
+    path = write(tmp_path, "SeriesInstanceUID\n" + "1.2.x\n" * 50_000)
+    with pytest.raises(BatchError) as info:
+        read_batch(path)
+    lines = info.value.render().splitlines()
+    assert len(lines) == 3
+    assert lines[-1].endswith(":10001:1: stopped after 10000 problems and 0 good rows: not a batch CSV")
 
 
 def test_very_long_line_stops_at_once(tmp_path):

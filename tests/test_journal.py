@@ -306,6 +306,8 @@ def test_due_retries_honours_next_attempt_at(journal: Journal):
     assert [r.uid for r in journal.due_retries(100.0)] == [soon, unset]
     assert [r.uid for r in journal.due_retries(150.0)] == [soon, unset]
     assert [r.uid for r in journal.due_retries(200.0)] == [late, soon, unset]
+    assert journal.next_retry_at() == 0  # the unset row is due now
+    journal.transition(unset, State.WAITING_RETRY, Event.RETRY_DUE)
     assert journal.next_retry_at() == 100.0
 
 

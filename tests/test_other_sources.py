@@ -50,11 +50,6 @@ def test_batch_from_other_source(same: Stack, tmp_path: Path, kind: str) -> None
     assert db.execute("SELECT COUNT(*) FROM events WHERE event='issued'").fetchone() == (3,)  # one move each
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: transfer.plan() counts a study's SERIES-level answers without removing duplicates;"
-    " qrscp answers once per instance, so the report says series_found 10 for a study of 2 series",
-)
 def test_study_row_from_qrscp_counts_each_series_once(same: Stack, tmp_path: Path) -> None:
     """A study row against qrscp (one SERIES answer per instance): 2 series planned, moved, and reported as 2."""
     series = make_series(2, 5, seed=546, rows=16, columns=16, patients=1)

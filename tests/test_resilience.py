@@ -215,11 +215,6 @@ def test_r5_destination_down_3s_orthanc_pacs(separate: Stack, tmp_path: Path) ->
     assert result.complete == 8 and result.at_destination == result.expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: pynetdicom answers 0xA801 when it cannot associate with a destination that is down;"
-    " scheduler.py treats every 0xA801 as 'destination unknown' and stops the run with exit 2",
-)
 def test_r5_destination_down_3s_pynetdicom_pacs(separate: Stack, start_pacs: StartPacs, tmp_path: Path) -> None:
     """Destination down 3 s with a pynetdicom PACS (it answers 0xA801 meanwhile): the run still completes."""
     series = small(8, 10, 571)
