@@ -151,3 +151,15 @@ def test_signal_stops_with_exit_3_and_resumes(same: Stack, tmp_path: Path, sig: 
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["complete"] == 8
     assert all(series_count(same.centre, s.series_uid) == 30 for s in series)
+
+
+def test_unknown_timezone_is_exit_2_naming_the_key(same: Stack, tmp_path: Path) -> None:
+    """A window in an unknown time zone: exit 2, the message names window.timezone, no journal."""
+    _, batch = setup_batch(same, tmp_path, n=1, per=1)
+    cfg = write_config(tmp_path / "t.yaml", same)
+    with cfg.open("a") as f:
+        f.write("window: {start: '20:00', end: '07:00', timezone: Mars/Olympus_Mons}\n")
+    res = run_cli("--batch", batch, "--config", cfg)
+    assert res.returncode == 2
+    assert "window.timezone" in res.stderr and "Mars/Olympus_Mons" in res.stderr
+    assert not (tmp_path / "series.journal.sqlite").exists()
