@@ -15,12 +15,14 @@ import csv
 import difflib
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from .errors import BatchError, BatchProblem
+
+_T = TypeVar("_T")
 
 SERIES = "SeriesInstanceUID"
 STUDY = "StudyInstanceUID"
@@ -327,12 +329,17 @@ def _first_line(lines: Iterator[str]) -> str | None:
 
 def read_batch(path: str | Path) -> list[BatchRow]:
     """Read and validate a batch CSV; raise `BatchError` listing every problem in it."""
+    return read_checked(path, _read)
+
+
+def read_checked(path: str | Path, read: Callable[[Iterator[str], _Lines, _Collector], list[_T]]) -> list[_T]:
+    """Run `read` over a CSV file's lines; every problem it (or the file) has → one BatchError."""
     out = _Collector(str(path))
     try:
         # Binary, decoded line by line, so that bad bytes get a line number.
         with open(path, "rb") as fh:
             lines = _Lines(fh)
-            rows = _read(iter(lines), lines, out)
+            rows = read(iter(lines), lines, out)
     except _Fatal as exc:
         out.add(exc.line, exc.column, None, exc.reason)
         raise out.error() from None

@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from pydicom.datadict import keyword_dict
 
-from .batch import _Collector, _Fatal, _first_line, _Lines, _shown, is_valid_uid, suggest_keyword
+from .batch import _Collector, _Fatal, _first_line, _Lines, _shown, is_valid_uid, read_checked, suggest_keyword
 from .config import Config, FilterConfig
 from .errors import DicomTransferError, OrthancError, Unreachable
 from .journal import Journal
@@ -267,20 +267,7 @@ class _RowChecker:
 
 def read_query(path: str | Path, *, allow_wildcards: bool = False) -> list[QueryRow]:
     """Read and validate a query CSV; raise `BatchError` listing every problem in it."""
-    out = _Collector(str(path))
-    try:
-        with open(path, "rb") as fh:
-            lines = _Lines(fh)
-            rows = _read(iter(lines), lines, out, allow_wildcards)
-    except _Fatal as exc:
-        out.add(exc.line, exc.column, None, exc.reason)
-        raise out.error() from None
-    except OSError as exc:
-        out.add(1, 1, None, f"cannot read the file ({exc.strerror or exc})")
-        raise out.error() from None
-    if out.total:
-        raise out.error()
-    return rows
+    return read_checked(path, lambda it, lines, out: _read(it, lines, out, allow_wildcards))
 
 
 def _read(it: Iterator[str], lines: _Lines, out: _Collector, allow_wildcards: bool) -> list[QueryRow]:
