@@ -7,9 +7,12 @@ There is deliberately no skip when Orthanc is missing: the fixtures fail with
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,32 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def start_cli(*args: str | os.PathLike[str]) -> subprocess.Popen[str]:
+    """`python main.py ARGS...` in the background (for kill and signal tests), output piped."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "main.py"), *map(str, args)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_complete(journal: Path, n: int, timeout: float = 60) -> int:
+    """Wait until a running batch's journal shows `n` complete series; returns the count seen."""
+    deadline, done = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and done < n:
+        time.sleep(0.02)
+        if not journal.exists():
+            continue
+        try:  # read-only: never create the journal before the run does
+            with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+                done = db.execute("SELECT COUNT(*) FROM series WHERE state='complete'").fetchone()[0]
+        except sqlite3.OperationalError:
+            continue
+    return done
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, start_cli, wait_complete
 from test_transfer import series_count, setup_batch, write_config
 
 from dicom_transfer.config import load_config
@@ -116,32 +116,13 @@ def test_logs_carry_no_patient_identifiers_or_password(same: Stack, tmp_path: Pa
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signal_stops_with_exit_3_and_resumes(same: Stack, tmp_path: Path, sig: str) -> None:
     """SIGINT/SIGTERM mid-batch: exit 3 with work left; the same command then completes (exit 0)."""
-    import os
     import signal
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
 
     series, batch = setup_batch(same, tmp_path, n=8, per=30, seed=51)
     cfg = write_config(tmp_path / "t.yaml", same, pause_s=0.2)
     journal = tmp_path / "series.journal.sqlite"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "main.py"), "--batch", str(batch), "--config", str(cfg), "--json"],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        try:
-            n = sqlite3.connect(journal).execute("SELECT COUNT(*) FROM series WHERE state='complete'").fetchone()[0]
-        except sqlite3.OperationalError:
-            continue
-        if n >= 2:
-            break
+    proc = start_cli("--batch", batch, "--config", cfg, "--json")
+    wait_complete(journal, 2)
     proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_cli
+from conftest import run_cli, start_cli, wait_complete
 
 from dicom_transfer.stack import Stack
 from dicom_transfer.synthetic import SyntheticSeries, instance_bytes, make_series, upload, write_batch_csv
@@ -163,25 +160,10 @@ def test_resume_after_kill_9(same: Stack, tmp_path: Path) -> None:
     series, batch = setup_batch(same, tmp_path, n=12, per=40, seed=21)
     cfg = write_config(tmp_path / "t.yaml", same)
     journal = tmp_path / "series.journal.sqlite"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "main.py"), "--batch", str(batch), "--config", str(cfg)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    done = 0
-    while time.monotonic() < deadline and done < 3:
-        time.sleep(0.02)
-        if journal.exists():
-            try:
-                done = (
-                    sqlite3.connect(journal).execute("SELECT COUNT(*) FROM series WHERE state='complete'").fetchone()[0]
-                )
-            except sqlite3.OperationalError:
-                pass
+    proc = start_cli("--batch", batch, "--config", cfg)
+    wait_complete(journal, 3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     db = sqlite3.connect(journal)
     states = dict(db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall())
     assert 3 <= states.get("complete", 0) < 12, states
@@ -297,23 +279,8 @@ def test_source_down_mid_batch_spends_no_attempts(separate: Stack, tmp_path: Pat
     series, batch = setup_batch(separate, tmp_path, n=6, per=30, seed=41)
     cfg = write_config(tmp_path / "t.yaml", separate, max_attempts=1, pause_s=0.3)
     journal = tmp_path / "series.journal.sqlite"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "main.py"), "--batch", str(batch), "--config", str(cfg), "--json"],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        if journal.exists():
-            try:
-                done = sqlite3.connect(journal).execute("SELECT COUNT(*) FROM series WHERE state='complete'").fetchone()
-            except sqlite3.OperationalError:
-                continue
-            if done[0] >= 1:
-                break
+    proc = start_cli("--batch", batch, "--config", cfg, "--json")
+    wait_complete(journal, 1)
     separate.pacs.kill()  # the hospital side disappears mid-batch
     time.sleep(4)
     separate.pacs.restart()
