@@ -53,7 +53,7 @@ _ASSOCIATION_FAILURES = (
 
 def is_association_failure(text: str | None) -> bool:
     """Orthanc's words for "the peer could not be reached" (as opposed to a refusal)."""
-    return bool(text) and any(marker in text for marker in _ASSOCIATION_FAILURES)
+    return text is not None and any(marker in text for marker in _ASSOCIATION_FAILURES)
 
 
 def short_uid(uid: str) -> str:
