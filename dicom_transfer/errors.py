@@ -110,24 +110,8 @@ class MoveRefused(DicomTransferError):
         self.dimse_status = dimse_status
         super().__init__(message)
 
-    @property
-    def out_of_resources(self) -> bool:
-        """A7xx: the PACS is full; back off rather than fail."""
-        return self.dimse_status is not None and (self.dimse_status & 0xFF00) == 0xA700
-
-    @property
-    def destination_unknown(self) -> bool:
-        """A801: the PACS does not know our destination AE title (configuration)."""
-        return self.dimse_status == 0xA801
-
 
 class DestinationUnknown(DicomTransferError):
     """The source does not know the destination AE title: stop issuing moves."""
 
     exit_code = 2
-
-
-class Stopped(DicomTransferError):
-    """The run stopped with work left (window end, signal); resumable."""
-
-    exit_code = 3

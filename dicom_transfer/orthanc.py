@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -316,10 +315,6 @@ class LocalOrthanc(OrthancRest):
         unique = {str(a["SeriesInstanceUID"]): a for a in reversed(answers) if a.get("SeriesInstanceUID")}
         return [self._series_answer(a) for a in reversed(unique.values())]
 
-    def find_study_of_series(self, modality: str, series_uid: str) -> list[SeriesAnswer]:
-        """Series without its StudyInstanceUID: ask the source (Study Root, empty study key)."""
-        return self.find_series(modality, series_uid, None)
-
     @staticmethod
     def _series_answer(a: dict[str, Any]) -> SeriesAnswer:
         return SeriesAnswer(
@@ -536,5 +531,3 @@ class Destination(OrthancRest):
 def dimse_from_error(exc: OrthancError) -> int | None:
     return parse_dimse_status(exc.details) or parse_dimse_status(exc.message)
 
-
-Clock = Callable[[], float]

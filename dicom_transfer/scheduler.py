@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import structlog
 
 from .config import Config
-from .errors import DestinationUnknown, MoveRefused, OrthancError, Stopped, Unreachable
+from .errors import DestinationUnknown, MoveRefused, OrthancError, Unreachable
 from .journal import Journal, SeriesRow
 from .orthanc import BLOCKING, Destination, JobStatus, LocalOrthanc, choose_move_method, dimse_from_error
 from .states import TRANSITIONS, Event, State, next_state
@@ -582,7 +582,6 @@ class Scheduler:
             decision = judge(
                 Observation(
                     expected=flight.expected,
-                    needed=flight.expected or 0,
                     count=flight.count,
                     issued_at=flight.issued_at,
                     # A PACS still sending (any series) is working through its queue: ours
@@ -756,6 +755,3 @@ class Scheduler:
         self.journal.record("throttle", change)
         log.info("throttle.changed", **change)
 
-
-def stopped_error(result: RunResult) -> Stopped:
-    return Stopped(f"stopped with work left: {result.stop_reason}")

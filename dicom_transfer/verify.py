@@ -21,7 +21,6 @@ class Observation:
     """What is known about one in-flight series at time `now` (seconds, same clock)."""
 
     expected: int | None  # None: the source gave no count
-    needed: int  # what the destination must hold in total (expected, or known subset)
     count: int  # instances of the series at the destination now
     issued_at: float
     last_growth_at: float  # when `count` last grew (issued_at if never)

@@ -16,7 +16,6 @@ def obs(**kw) -> Observation:
     """An observation of a 50-instance series issued at T0, job still running, nothing there."""
     base = {
         "expected": 50,
-        "needed": 50,
         "count": 0,
         "issued_at": T0,
         "last_growth_at": T0,
@@ -26,8 +25,6 @@ def obs(**kw) -> Observation:
         "now": T0 + 1,
     }
     base.update(kw)
-    if "needed" not in kw and base["expected"] is not None:
-        base["needed"] = base["expected"]
     if "delivered" not in kw:
         base["delivered"] = base["count"]
     return Observation(**base)
@@ -175,7 +172,6 @@ def test_something_delivered_is_not_pacs_full():
 
 
 def unknown(**kw) -> Observation:
-    kw.setdefault("needed", 0)
     return obs(expected=None, **kw)
 
 
