@@ -591,12 +591,17 @@ def dcmqrscp_source(workdir: Path, series: list[SyntheticSeries], centre: Orthan
         centre.rest.put("/modalities/DCMQR", {"AET": "DCMQR", "Host": HOST, "Port": port})
         yield "DCMQR"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a peer process, SIGKILL if it has not gone within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -630,12 +635,7 @@ def qrscp_source(workdir: Path, series: list[SyntheticSeries], centre: OrthancPr
         centre.rest.put("/modalities/QRSCP", {"AET": "QRSCP", "Host": HOST, "Port": port})
         yield "QRSCP"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def other_source(
