@@ -29,15 +29,17 @@ from .throttle import Throttle
 from .verify import Decision, Observation, Verdict, judge
 from .window import Window
 
-__all__ = ["TRANSITIONS", "Event", "State", "next_state", "Scheduler", "RunResult", "short_uid"]
+__all__ = ["TRANSITIONS", "Event", "State", "next_state", "Scheduler", "RunResult", "hot_interval", "short_uid"]
 
 log = structlog.get_logger("dicom_transfer")
 
 RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at least this often
 CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at most this often
-# A move younger than HOT_S is polled every HOT_POLL_S once its predicted end (the
-# measured seconds per instance × instances to move) is near: small series end fast.
-HOT_S, HOT_POLL_S = 2.0, 0.005
+# A young move (job not ended, younger than HOT_S) is counted at the destination from its
+# predicted end (the measured seconds per instance × instances to move) every HOT_POLL_S,
+# then ever less often (HOT_BACKOFF × time past that end, up to poll_s): a series is whole
+# there before the PACS's final C-MOVE response ends the job, so the count sees it first.
+HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 OVERTAKEN_GRACE_S = 0.5  # a later move delivering this long after ours ended: ours was dropped
 
@@ -54,6 +56,18 @@ _ASSOCIATION_FAILURES = (
 def is_association_failure(text: str | None) -> bool:
     """Orthanc's words for "the peer could not be reached" (as opposed to a refusal)."""
     return text is not None and any(marker in text for marker in _ASSOCIATION_FAILURES)
+
+
+def hot_interval(late: float, poll_s: float) -> float | None:
+    """How often to count a move `late` seconds past its predicted end (None: not yet due).
+
+    Every HOT_POLL_S at first, then a tenth of the time already past, up to `poll_s`: the
+    end is seen within a few ms when the prediction holds, and a slow move costs a few
+    dozen counts, not hundreds.
+    """
+    if late < 0:
+        return None
+    return min(poll_s, max(HOT_POLL_S, HOT_BACKOFF * late))
 
 
 def short_uid(uid: str) -> str:
@@ -85,6 +99,7 @@ class Flight:
     count: int = 0
     last_growth_at: float = 0.0
     counted_at: float = 0.0
+    job_asked_at: float = 0.0  # last `GET /jobs/{id}`: asked at most every poll_s
 
 
 @dataclass
@@ -290,29 +305,25 @@ class Scheduler:
 
     def _idle(self, open_now: bool) -> None:
         """Sleep until something may change: a poll tick, a due retry or the window."""
-        wait = self.t.poll_s
-        running = [f.future for f in self.flights.values() if f.future is not None and not f.future.done()]
-        if running and len(running) == len(self.flights):
-            # Only blocking moves in flight: wake up the moment one returns.
-            self._report_progress()
-            wait_for(running, timeout=wait * 20, return_when=FIRST_COMPLETED)
-            return
+        now = self.clock()
         if not self.flights:
-            now = self.clock()
             wakeups = [self.journal.next_retry_at(), self.throttle.not_before, self.probe_at]
             if not open_now and self.window is not None:
                 wakeups.append(self.window.next_open(now))
             future = [w - now for w in wakeups if w is not None and w > now]
             wait = min(future) if future else self.t.poll_s
             wait = max(self.t.poll_s, min(wait, 5.0))  # wake up now and then for signals
-        else:
-            now = self.clock()
-            hot = [f for f in self.flights.values() if f.job_ended_at is None and now - f.issued_at < HOT_S]
-            if hot:
-                due = min(self._predicted_end(f) for f in hot) - now
-                wait = min(wait, max(HOT_POLL_S, due if self._s_per_instance is not None else 0.02))
+            self._report_progress()
+            self.sleep(wait)
+            return
+        hot = self._next_hot_look(now)
         self._report_progress()
-        self.sleep(wait)
+        running = [f.future for f in self.flights.values() if f.future is not None and not f.future.done()]
+        if running and len(running) == len(self.flights):
+            # Only blocking moves in flight: wake up the moment one returns, or to count.
+            wait_for(running, timeout=hot if hot is not None else self.t.poll_s * 20, return_when=FIRST_COMPLETED)
+            return
+        self.sleep(self.t.poll_s if hot is None else min(self.t.poll_s, hot))
 
     def _predicted_end(self, flight: Flight) -> float:
         """When this move should end, from the rate of the moves before it (slightly early)."""
@@ -320,6 +331,25 @@ class Scheduler:
             return flight.issued_at + 0.02  # no measure yet: a gentler 20 ms poll
         todo = max(1, (flight.expected or 0) - flight.baseline)
         return flight.issued_at + 0.85 * todo * self._s_per_instance
+
+    def _hot_interval(self, flight: Flight, now: float) -> float | None:
+        """How often to count a young move now; None while it is not (or no longer) near its end."""
+        if flight.future is not None or flight.job_ended_at is not None or now - flight.issued_at >= HOT_S:
+            return None  # a blocking move wakes the loop itself when it returns
+        return hot_interval(now - self._predicted_end(flight), self.t.poll_s)
+
+    def _next_hot_look(self, now: float) -> float | None:
+        """Seconds until a young move should next be counted; None when none is near."""
+        waits = []
+        for flight in self.flights.values():
+            if flight.future is not None or flight.job_ended_at is not None or now - flight.issued_at >= HOT_S:
+                continue
+            interval = self._hot_interval(flight, now)
+            if interval is None:
+                waits.append(self._predicted_end(flight) - now)
+            else:
+                waits.append(flight.counted_at + interval - now)
+        return max(HOT_POLL_S / 2, min(waits)) if waits else None
 
     def _report_progress(self) -> None:
         now = time.monotonic()
@@ -576,7 +606,11 @@ class Scheduler:
             self._changes_at = now
         progressed = bool(ended)
         for flight in list(self.flights.values()):
-            if flight.uid in ended or changed or now - flight.counted_at >= RECOUNT_EVERY_S:
+            if (
+                flight.uid in ended
+                or changed
+                or now - flight.counted_at >= (self._hot_interval(flight, now) or RECOUNT_EVERY_S)
+            ):
                 self._recount(flight, now)
             state = flight.state
             decision = judge(
@@ -646,6 +680,9 @@ class Scheduler:
                 return False
             status = flight.future.result()
         elif flight.job_id is not None:
+            if now - flight.job_asked_at < self.t.poll_s:
+                return False  # the hot look counts at the destination instead
+            flight.job_asked_at = now
             status = self.local.job_status(flight.job_id)
         else:
             return False
