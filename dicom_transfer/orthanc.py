@@ -303,9 +303,17 @@ class LocalOrthanc(OrthancRest):
         self, modality: str, series_uid: str | None, study_uid: str | None = None
     ) -> list[SeriesAnswer]:
         """SERIES-level C-FIND for one series (or all series of one study)."""
+        return self.find_series_list(modality, [series_uid] if series_uid else [], [study_uid] if study_uid else [])
+
+    def find_series_list(self, modality: str, series_uids: list[str], study_uids: list[str]) -> list[SeriesAnswer]:
+        """SERIES-level C-FIND for many series at once (List of UID Matching, PS3.4 C.2.2.2.2).
+
+        An empty list is a universal match. Not every PACS supports lists: the caller checks
+        each answer against what it asked for.
+        """
         query = {
-            "StudyInstanceUID": study_uid or "",
-            "SeriesInstanceUID": series_uid or "",
+            "StudyInstanceUID": "\\".join(study_uids),
+            "SeriesInstanceUID": "\\".join(series_uids),
             "NumberOfSeriesRelatedInstances": "",
             "Modality": "",
             "SeriesDescription": "",
@@ -484,8 +492,13 @@ class Destination(OrthancRest):
         if patient_id is not None and study_uid and series_uid not in self._series_ids:
             self._guesses[series_uid] = orthanc_series_id(patient_id, study_uid, series_uid)
 
-    def count(self, series_uid: str) -> int:
-        """How many instances of this series the destination holds (0 when none)."""
+    def count(self, series_uid: str, *, lookup: bool = True) -> int:
+        """How many instances of this series the destination holds (0 when none).
+
+        `lookup=False` (a poll while the move runs): when the computed id is not there yet,
+        answer 0 without the `/tools/lookup` that would catch a series stored under another
+        PatientID; the count after the move looks it up.
+        """
         guess = self._guesses.get(series_uid)
         if guess is not None and series_uid not in self._series_ids:
             try:
@@ -493,6 +506,8 @@ class Destination(OrthancRest):
             except OrthancError as exc:
                 if exc.status != 404:
                     raise
+                if not lookup:
+                    return 0
             else:
                 if series.get("MainDicomTags", {}).get("SeriesInstanceUID") == series_uid:
                     self._series_ids[series_uid] = guess
@@ -508,6 +523,21 @@ class Destination(OrthancRest):
                 return 0
             raise
         return len(series.get("Instances", []))
+
+    def counts(self, series_uids: list[str]) -> dict[str, int]:
+        """Instances held for many series with one `POST /tools/find` (a list of UIDs); 0 when absent."""
+        found = self.post(
+            "/tools/find",
+            {"Level": "Series", "Query": {"SeriesInstanceUID": "\\".join(series_uids)}, "Expand": True},
+        )
+        have = dict.fromkeys(series_uids, 0)
+        for series in found or []:
+            uid = series.get("MainDicomTags", {}).get("SeriesInstanceUID")
+            n = len(series.get("Instances", []))
+            if uid in have and (uid not in self._series_ids or n > have[uid]):
+                have[uid] = n
+                self._series_ids[uid] = str(series["ID"])
+        return have
 
     def sop_uids(self, series_uid: str) -> set[str]:
         """SOPInstanceUIDs the destination holds for a series (for image-level repair)."""

@@ -23,7 +23,15 @@ import structlog
 from .config import Config
 from .errors import DestinationUnknown, MoveRefused, OrthancError, Unreachable
 from .journal import Journal, SeriesRow
-from .orthanc import BLOCKING, Destination, JobStatus, LocalOrthanc, choose_move_method, dimse_from_error
+from .orthanc import (
+    BLOCKING,
+    Destination,
+    JobStatus,
+    LocalOrthanc,
+    SeriesAnswer,
+    choose_move_method,
+    dimse_from_error,
+)
 from .states import TRANSITIONS, Event, State, next_state
 from .throttle import Throttle
 from .verify import Decision, Observation, Verdict, judge
@@ -40,6 +48,10 @@ CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at mos
 # then ever less often (HOT_BACKOFF × time past that end, up to poll_s): a series is whole
 # there before the PACS's final C-MOVE response ends the job, so the count sees it first.
 HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
+# Look-ahead C-FINDs ask for many series at once (List of UID Matching): as many as the
+# recent pace moves in LIST_AHEAD_S, at most LIST_MAX; an answer older than LIST_MAX_AGE_S
+# is asked again (the count may have grown). Sources that refuse lists get one C-FIND each.
+LIST_AHEAD_S, LIST_MAX, LIST_MAX_AGE_S = 30.0, 50, 60.0
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 OVERTAKEN_GRACE_S = 0.5  # a later move delivering this long after ours ended: ours was dropped
 
@@ -193,6 +205,13 @@ class Scheduler:
         self._moved_ok = False  # a move of this run delivered: 0xA801 is then not a config error
         self._latest_delivering_issue = 0.0  # issue time of the latest move seen delivering
         self._series_only: set[str] = set()
+        self._s_per_series: float | None = None  # measured seconds per complete series (moving average)
+        self._lists = True  # the source answers list C-FINDs; off after a refusal
+        self._list_max = LIST_MAX  # halved when a list C-FIND hits the source's answer limit
+        # list answers not used yet: when asked, the answer, the destination's count then
+        # and whether that batch count ran
+        self._answers: dict[str, tuple[float, SeriesAnswer, int | None, bool]] = {}
+        self._listed: set[str] = set()  # pending series already asked in a list C-FIND
         self.down_since: float | None = None  # the source stopped answering (association failures)
         self.probe_at: float | None = None
         self.probe_wait = 1.0  # image-level repair refused or useless: move series
@@ -420,9 +439,68 @@ class Scheduler:
         if want <= 0:
             return False
         rows = self.journal.rows(State.PENDING, limit=want)
+        if self._lists and any(row.uid not in self._listed for row in rows):
+            self._ask_list()
         for row in rows:
-            self._query(row)
+            self._listed.discard(row.uid)
+            asked_at, answer, have, checked = self._answers.pop(row.uid, (0.0, None, None, False))
+            if answer is not None and self.clock() - asked_at < LIST_MAX_AGE_S:
+                self._use_answer(row, answer, have, listed=checked)
+            else:
+                self._query(row)  # not in a list answer (or too old): one C-FIND decides
         return bool(rows)
+
+    def _list_size(self) -> int:
+        """How many series the next list C-FIND asks for: the recent pace × LIST_AHEAD_S."""
+        if self._s_per_series is None:
+            return self._list_max  # answers not used within LIST_MAX_AGE_S are asked again anyway
+        pace = self._s_per_series / self.throttle.limit
+        return max(2, min(self._list_max, int(LIST_AHEAD_S / max(pace, 1e-3))))
+
+    def _ask_list(self) -> None:
+        """One SERIES-level C-FIND for the next pending series; keeps the answers for `_query`."""
+        rows = [r for r in self.journal.rows(State.PENDING, limit=self._list_size()) if r.uid not in self._listed]
+        if len(rows) < 2:
+            return
+        # A hierarchical PACS needs the study key: rows with and without it are asked apart.
+        for group in ([r for r in rows if r.study_uid], [r for r in rows if not r.study_uid]):
+            if len(group) < 2:
+                continue
+            studies = sorted({r.study_uid for r in group if r.study_uid})
+            try:
+                answers = self.local.find_series_list(self.cfg.source.modality, [r.uid for r in group], studies)
+            except Unreachable:
+                raise
+            except OrthancError as exc:
+                if dimse_from_error(exc) == 0xFE00 and len(group) > 2:
+                    self._list_max = len(group) // 2  # more answers than the source's limit
+                elif not is_association_failure(exc.details or exc.message):
+                    self._lists = False  # the source refuses lists: one C-FIND per series
+                    log.info("query.list_refused", error=(exc.details or exc.message)[:200])
+                return
+            asked = {r.uid: r for r in group}
+            matched = [
+                a
+                for a in answers
+                if a.series_uid in asked and asked[a.series_uid].study_uid in (None, "", a.study_uid)
+            ]
+            self._listed.update(asked)
+            log.debug("query.list", asked=len(group), found=len(matched))
+            if not matched:
+                self._lists = False  # a source that ignores lists answers nothing: ask one by one
+                return
+            have: dict[str, int] | None = None
+            try:
+                # One call, not a lookup per series. A destination's LimitFindResults may cut
+                # it short, so a series missing from it is still counted by its computed id.
+                have = {u: n for u, n in self.dest.counts([a.series_uid for a in matched]).items() if n}
+            except Unreachable:
+                raise
+            except OrthancError as exc:  # counted one by one instead
+                log.info("destination.list_count_failed", error=exc.message[:200])
+            now = self.clock()
+            for a in matched:
+                self._answers[a.series_uid] = (now, a, (have or {}).get(a.series_uid), have is not None)
 
     def _query(self, row: SeriesRow) -> None:
         source = self.cfg.source.modality
@@ -439,12 +517,21 @@ class Scheduler:
             self.journal.transition(row.uid, State.PENDING, Event.NOT_FOUND, reason="not found at source")
             log.warning("series.not_found", series=short_uid(row.uid))
             return
+        self._use_answer(row, answer)
+
+    def _use_answer(self, row: SeriesRow, answer: SeriesAnswer, have: int | None = None, listed: bool = False) -> None:
+        """Record the source's count (or skip a series the destination already holds whole).
+
+        `have`: the destination's count when already known; `listed`: the batch count of a
+        list query did not see it, so no lookup under another PatientID is needed.
+        """
         expected, sop_uids = answer.expected, None
         if expected is None:
             sop_uids = self._source_instances(answer.study_uid, row.uid)
             expected = len(sop_uids) if sop_uids else None
         self.dest.hint(row.uid, answer.patient_id, answer.study_uid)
-        have = self.dest.count(row.uid)
+        if have is None:
+            have = self.dest.count(row.uid, lookup=not listed)
         if expected is not None and have < expected and self.after is not None:
             # With anonymize.delete_original the original is gone once done: count the copy.
             have = max(have, self.after.copy_count(row.uid))
@@ -709,7 +796,7 @@ class Scheduler:
             )
 
     def _recount(self, flight: Flight, now: float) -> None:
-        count = self.dest.count(flight.uid)
+        count = self.dest.count(flight.uid, lookup=flight.job_ended_at is not None)
         if count > flight.count:
             flight.last_growth_at = self._last_arrival_at = now
             self._moved_ok = True
@@ -723,6 +810,9 @@ class Scheduler:
         if moved > 0 and flight.issued_here:
             speed = (now - flight.issued_at) / moved
             self._s_per_instance = speed if self._s_per_instance is None else 0.7 * self._s_per_instance + 0.3 * speed
+        if flight.issued_here:
+            took = now - flight.issued_at
+            self._s_per_series = took if self._s_per_series is None else 0.7 * self._s_per_series + 0.3 * took
         self.journal.transition(
             flight.uid, state, Event.ARRIVED, f"count={flight.count}",
             received=flight.count, verified=decision.verified, warning=decision.warning,
