@@ -552,10 +552,12 @@ class Destination(OrthancRest):
         return int(self.get("/changes", params={"last": ""}).get("Last", 0))
 
     def changed_since(self, seq: int) -> tuple[bool, int]:
-        """Whether anything arrived after `seq`; returns the new sequence mark."""
-        answer = self.get("/changes", params={"since": seq, "limit": 1000})
-        last = int(answer.get("Last", seq))
-        return (last > seq or bool(answer.get("Changes"))), max(last, seq)
+        """Whether anything changed after `seq`; returns the new sequence mark.
+
+        Asks only for the newest change (`?last`): a few hundred bytes however much arrived.
+        """
+        last = self.last_change()
+        return last > seq, max(last, seq)
 
 
 def dimse_from_error(exc: OrthancError) -> int | None:

@@ -687,7 +687,10 @@ class Scheduler:
         now = self.clock()
         ended = {f.uid for f in list(self.flights.values()) if self._poll_job(f, now)}
         changed = False
-        if now - self._changes_at >= CHANGES_EVERY_S:
+        # A blocking move wakes the loop when it returns; counts while it runs only matter
+        # to judge a move that ended short (stall clock, overtaken moves) or a move job.
+        watch = any(f.future is None or f.job_ended_at is not None for f in self.flights.values())
+        if watch and now - self._changes_at >= CHANGES_EVERY_S:
             # A hint, not proof: it says when a re-count is worth its REST call.
             changed, self.change_mark = self.dest.changed_since(self.change_mark)
             self._changes_at = now
