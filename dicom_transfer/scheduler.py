@@ -491,16 +491,19 @@ class Scheduler:
                 return
             have: dict[str, int] | None = None
             try:
-                # One call, not a lookup per series. A destination's LimitFindResults may cut
-                # it short, so a series missing from it is still counted by its computed id.
-                have = {u: n for u, n in self.dest.counts([a.series_uid for a in matched]).items() if n}
+                have = self.dest.counts([a.series_uid for a in matched])  # one call, not one per series
             except Unreachable:
                 raise
             except OrthancError as exc:  # counted one by one instead
                 log.info("destination.list_count_failed", error=exc.message[:200])
+            # A destination's LimitFindResults may cut that answer short: "absent" is certain
+            # only when it found none or all; otherwise absent ones are counted by their id.
+            present = sum(1 for n in (have or {}).values() if n)
+            certain = have is not None and present in (0, len(have))
             now = self.clock()
             for a in matched:
-                self._answers[a.series_uid] = (now, a, (have or {}).get(a.series_uid), have is not None)
+                n = (have or {}).get(a.series_uid, 0)
+                self._answers[a.series_uid] = (now, a, n if n or certain else None, have is not None)
 
     def _query(self, row: SeriesRow) -> None:
         source = self.cfg.source.modality
@@ -620,7 +623,7 @@ class Scheduler:
         self._queried -= 1
         self.throttle.issued()
         flight = Flight(row.uid, row.study_uid or "", row.expected, attempt, now, baseline)
-        flight.count, flight.last_growth_at = baseline, now
+        flight.count, flight.last_growth_at, flight.counted_at = baseline, now, now
         flight.first_issued_at = row.first_issued_at or now
         flight.subset = bool(subset)
         self.flights[row.uid] = flight
