@@ -61,11 +61,27 @@ def test_answer_limit_halves_the_list(tmp_path: Path) -> None:
     """A source with LimitFindResults 4 refuses long lists (0xFE00): lists shrink, the batch completes."""
     with start_stack(tmp_path / "stack", "same", extra_config={"LimitFindResults": 4}) as stack:
         code, report, c_finds = run_with_a_missing_row(stack, tmp_path, 12, seed=820)
+        # Again on a fresh journal, the source now without a limit (one list of 13): the
+        # destination's batch count is cut at 4 or 5 of the 12 present series, which must
+        # not read as "absent" (no series moved twice).
+        config = json.loads(stack.pacs.config_path.read_text())
+        stack.pacs.config_path.write_text(json.dumps({**config, "LimitFindResults": 0}))
+        stack.pacs.restart()
+        (tmp_path / "series.journal.sqlite").unlink()
+        jobs_before = len(stack.centre.rest.get("/jobs"))
+        again = run_cli("--batch", tmp_path / "series.csv", "--config", tmp_path / "t.yaml", "--json")
+        jobs_after = len(stack.centre.rest.get("/jobs"))
     assert code == 1
     assert report["summary"]["complete"] == 12
     assert report["summary"]["failed"] == 1
     # refused lists of 12 and 6, then lists of 3 or fewer, plus the missing one alone
     assert c_finds < 13, c_finds
+    assert again.returncode == 1, again.stderr
+    assert json.loads(again.stdout)["complete"] == 12
+    db = sqlite3.connect(tmp_path / "series.journal.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM events WHERE event='present'").fetchone() == (12,)
+    assert db.execute("SELECT COUNT(*) FROM events WHERE event='issued'").fetchone() == (0,)
+    assert jobs_after == jobs_before
 
 
 def test_series_already_present_are_skipped_by_one_batch_count(same: Stack, tmp_path: Path) -> None:
