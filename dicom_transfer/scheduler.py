@@ -692,7 +692,9 @@ class Scheduler:
         changed = False
         # A blocking move wakes the loop when it returns; counts while it runs only matter
         # to judge a move that ended short (stall clock, overtaken moves) or a move job.
-        watch = any(f.future is None or f.job_ended_at is not None for f in self.flights.values())
+        watch = any(
+            f.future is None or (f.job_ended_at is not None and f.uid not in ended) for f in self.flights.values()
+        )
         if watch and now - self._changes_at >= CHANGES_EVERY_S:
             # A hint, not proof: it says when a re-count is worth its REST call.
             changed, self.change_mark = self.dest.changed_since(self.change_mark)
