@@ -131,7 +131,7 @@ def suggest_keyword(name: str) -> str | None:
 # -- reading -----------------------------------------------------------------------------
 
 
-class _Fatal(Exception):
+class Unreadable(Exception):
     """The rest of the file cannot be read as CSV text: stop at this problem."""
 
     def __init__(self, line: int, column: int, reason: str) -> None:
@@ -141,7 +141,7 @@ class _Fatal(Exception):
         self.reason = reason
 
 
-class _Lines:
+class Lines:
     """Decoded lines of a binary file, counted, each checked for length, NULs and UTF-8."""
 
     def __init__(self, fh: BinaryIO) -> None:
@@ -155,24 +155,26 @@ class _Lines:
             if self.number == 1:
                 raw = self._first(raw)
             if len(raw) > MAX_LINE_BYTES:
-                raise _Fatal(self.number, 1, f"line longer than {MAX_LINE_BYTES} bytes: not a batch CSV")
+                raise Unreadable(self.number, 1, f"line longer than {MAX_LINE_BYTES} bytes: not a batch CSV")
             if b"\0" in raw:
-                raise _Fatal(self.number, raw.index(b"\0") + 1, "the file contains a NUL byte: not a text file")
+                raise Unreadable(self.number, raw.index(b"\0") + 1, "the file contains a NUL byte: not a text file")
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 column = len(raw[: exc.start].decode("utf-8")) + 1
-                raise _Fatal(self.number, column, f"the file is not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+                raise Unreadable(
+                    self.number, column, f"the file is not UTF-8 text (byte 0x{raw[exc.start]:02x})"
+                ) from None
 
     def _first(self, raw: bytes) -> bytes:
         if raw.startswith(codecs.BOM_UTF8):
             return raw[len(codecs.BOM_UTF8) :]
         if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            raise _Fatal(1, 1, "the file is UTF-16 text: save it as UTF-8")
+            raise Unreadable(1, 1, "the file is UTF-16 text: save it as UTF-8")
         return raw
 
 
-class _Collector:
+class Problems:
     """Problems of one file: the first MAX_PROBLEMS kept, all counted."""
 
     def __init__(self, label: str) -> None:
@@ -189,7 +191,7 @@ class _Collector:
         return BatchError(self.kept, self.total)
 
 
-def _shown(value: str) -> str:
+def quoted(value: str) -> str:
     if len(value) > _SHOWN_VALUE:
         value = value[: _SHOWN_VALUE - 3] + "..."
     return repr(value)
@@ -209,7 +211,7 @@ class _Header:
     patient: int | None
 
 
-def _check_header(cells: list[str], line: int, out: _Collector) -> _Header | None:
+def _check_header(cells: list[str], line: int, out: Problems) -> _Header | None:
     """The header's column positions, or None when the rows cannot be read with it.
 
     That is when no UID column is there, or when a column we use is doubled or looks
@@ -244,15 +246,15 @@ def _check_header(cells: list[str], line: int, out: _Collector) -> _Header | Non
 
 def _unknown_column(name: str, suggestion: str | None) -> str:
     if "\t" in name:
-        return f"unknown column {_shown(name)} (the delimiter must be ',' or ';')"
+        return f"unknown column {quoted(name)} (the delimiter must be ',' or ';')"
     hint = f" (did you mean {suggestion}?)" if suggestion else " (not a DICOM keyword)"
-    return f"unknown column {_shown(name)}{hint}"
+    return f"unknown column {quoted(name)}{hint}"
 
 
 class _RowChecker:
     """Validates data rows against the header and remembers UIDs to find duplicates."""
 
-    def __init__(self, header: _Header, out: _Collector) -> None:
+    def __init__(self, header: _Header, out: Problems) -> None:
         self.h = header
         self.out = out
         self.series_seen: dict[str, int] = {}
@@ -285,9 +287,9 @@ class _RowChecker:
         if not value:
             return None
         if "*" in value or "?" in value:
-            self.out.add(line, index + 1, name, f"wildcards are not allowed in a batch ({_shown(value)})")
+            self.out.add(line, index + 1, name, f"wildcards are not allowed in a batch ({quoted(value)})")
         elif not _UID.fullmatch(value) or len(value) > 64:
-            self.out.add(line, index + 1, name, f"{_shown(value)} is not a valid UID")
+            self.out.add(line, index + 1, name, f"{quoted(value)} is not a valid UID")
         return value
 
     def _patient(self, cells: list[str], line: int) -> str | None:
@@ -315,12 +317,12 @@ class _RowChecker:
         first = seen.setdefault(key, line)
         if first != line:
             assert index is not None
-            self.out.add(line, index + 1, name, f"{_shown(key)} duplicates the {what} at line {first}")
+            self.out.add(line, index + 1, name, f"{quoted(key)} duplicates the {what} at line {first}")
             return False
         return True
 
 
-def _first_line(lines: Iterator[str]) -> str | None:
+def first_line(lines: Iterator[str]) -> str | None:
     for text in lines:
         if text.strip():
             return text
@@ -332,15 +334,15 @@ def read_batch(path: str | Path) -> list[BatchRow]:
     return read_checked(path, _read)
 
 
-def read_checked(path: str | Path, read: Callable[[Iterator[str], _Lines, _Collector], list[_T]]) -> list[_T]:
+def read_checked(path: str | Path, read: Callable[[Iterator[str], Lines, Problems], list[_T]]) -> list[_T]:
     """Run `read` over a CSV file's lines; every problem it (or the file) has → one BatchError."""
-    out = _Collector(str(path))
+    out = Problems(str(path))
     try:
         # Binary, decoded line by line, so that bad bytes get a line number.
         with open(path, "rb") as fh:
-            lines = _Lines(fh)
+            lines = Lines(fh)
             rows = read(iter(lines), lines, out)
-    except _Fatal as exc:
+    except Unreadable as exc:
         out.add(exc.line, exc.column, None, exc.reason)
         raise out.error() from None
     except OSError as exc:
@@ -351,8 +353,8 @@ def read_checked(path: str | Path, read: Callable[[Iterator[str], _Lines, _Colle
     return rows
 
 
-def _read(it: Iterator[str], lines: _Lines, out: _Collector) -> list[BatchRow]:
-    header_text = _first_line(it)
+def _read(it: Iterator[str], lines: Lines, out: Problems) -> list[BatchRow]:
+    header_text = first_line(it)
     if header_text is None:
         out.add(1, 1, None, f"empty file: expected a header of DICOM keywords such as {SERIES}")
         return []
@@ -375,9 +377,11 @@ def _read(it: Iterator[str], lines: _Lines, out: _Collector) -> list[BatchRow]:
                     # Mostly garbage: say so now, in a few lines, rather than read gigabytes to count it.
                     found = out.total
                     out.kept, out.total = out.kept[:2], min(2, out.total)
-                    raise _Fatal(start, 1, f"stopped after {found} problems and {len(rows)} good rows: not a batch CSV")
+                    raise Unreadable(
+                        start, 1, f"stopped after {found} problems and {len(rows)} good rows: not a batch CSV"
+                    )
     except csv.Error as exc:
-        raise _Fatal(last + 1, 1, f"not valid CSV ({exc})") from None
+        raise Unreadable(last + 1, 1, f"not valid CSV ({exc})") from None
     if not rows and not out.total:
         out.add(header_line, 1, None, "no rows after the header")
     return rows

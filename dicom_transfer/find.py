@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from pydicom.datadict import keyword_dict
 
-from .batch import _Collector, _Fatal, _first_line, _Lines, _shown, is_valid_uid, read_checked, suggest_keyword
+from .batch import Lines, Problems, Unreadable, first_line, is_valid_uid, quoted, read_checked, suggest_keyword
 from .config import Config, FilterConfig
 from .errors import DicomTransferError, OrthancError, Unreachable
 from .journal import Journal
@@ -124,7 +124,7 @@ def time_seconds(text: str) -> int | None:
 
 def _check_range(text: str, parse: Any, kind: str, form: str, phi: bool) -> str | None:
     """Why `text` is not a single value or a closed `A-B` range (None when it is)."""
-    what = "the value" if phi else _shown(text)
+    what = "the value" if phi else quoted(text)
     if any(w in text for w in _WILDCARDS):
         return f"wildcards do not apply to {kind}s: use a range {form}-{form}"
     parts = text.split("-")
@@ -141,7 +141,7 @@ def _check_range(text: str, parse: Any, kind: str, form: str, phi: bool) -> str 
 
 
 def _check_text(key: str, value: str, allow_wildcards: bool) -> str | None:
-    shown = "" if key in PHI_KEYS else f" ({_shown(value)})"
+    shown = "" if key in PHI_KEYS else f" ({quoted(value)})"
     if "\\" in value:
         return "must not contain a backslash (one value per cell)"
     if any(ord(c) < 32 for c in value):
@@ -151,7 +151,7 @@ def _check_text(key: str, value: str, allow_wildcards: bool) -> str | None:
     if not allow_wildcards and any(w in value for w in _WILDCARDS):
         return f"wildcards ('*', '?') need --allow-wildcards{shown}"
     if key == "Modality" and not re.fullmatch(r"[A-Za-z0-9 _*?]+", value):
-        return f"{_shown(value)} is not a modality code (letters, digits, '_')"
+        return f"{quoted(value)} is not a modality code (letters, digits, '_')"
     return None
 
 
@@ -159,9 +159,9 @@ def check_cell(key: str, value: str, allow_wildcards: bool) -> tuple[str, str | 
     """(normalised value, reason it is refused or None) for one non-empty cell."""
     if key in ("StudyInstanceUID", "SeriesInstanceUID"):
         if any(w in value for w in _WILDCARDS):
-            return value, f"UIDs cannot be matched with wildcards ({_shown(value)})"
+            return value, f"UIDs cannot be matched with wildcards ({quoted(value)})"
         ok, why = is_valid_uid(value)
-        return value, None if ok else f"{_shown(value)} is not a valid UID: {why}"
+        return value, None if ok else f"{quoted(value)} is not a valid UID: {why}"
     if key in ("StudyDate", "PatientBirthDate"):
         return value, _check_range(value, parse_date, "date", "YYYYMMDD", key in PHI_KEYS)
     if key == "StudyTime":
@@ -188,13 +188,13 @@ def _column_problem(name: str) -> str:
     if name in keyword_dict:
         return f"{name} is not a query column (query columns: {', '.join(QUERY_KEYS)})"
     if "\t" in name:
-        return f"unknown column {_shown(name)} (the delimiter must be ',' or ';')"
+        return f"unknown column {quoted(name)} (the delimiter must be ',' or ';')"
     suggestion = _suggest(name)
     hint = f" (did you mean {suggestion}?)" if suggestion else f" (query columns: {', '.join(QUERY_KEYS)})"
-    return f"unknown column {_shown(name)}{hint}"
+    return f"unknown column {quoted(name)}{hint}"
 
 
-def _check_header(cells: list[str], line: int, out: _Collector) -> tuple[list[str | None], bool]:
+def _check_header(cells: list[str], line: int, out: Problems) -> tuple[list[str | None], bool]:
     """Each column's query key (None for a bad column) and whether the header is clean."""
     names = [c.strip() for c in cells]
     seen: dict[str, int] = {}
@@ -217,7 +217,7 @@ def _check_header(cells: list[str], line: int, out: _Collector) -> tuple[list[st
 
 
 class _RowChecker:
-    def __init__(self, keys: list[str | None], clean: bool, allow_wildcards: bool, out: _Collector) -> None:
+    def __init__(self, keys: list[str | None], clean: bool, allow_wildcards: bool, out: Problems) -> None:
         self.keys = keys
         self.clean = clean
         self.allow_wildcards = allow_wildcards
@@ -270,8 +270,8 @@ def read_query(path: str | Path, *, allow_wildcards: bool = False) -> list[Query
     return read_checked(path, lambda it, lines, out: _read(it, lines, out, allow_wildcards))
 
 
-def _read(it: Iterator[str], lines: _Lines, out: _Collector, allow_wildcards: bool) -> list[QueryRow]:
-    header_text = _first_line(it)
+def _read(it: Iterator[str], lines: Lines, out: Problems, allow_wildcards: bool) -> list[QueryRow]:
+    header_text = first_line(it)
     if header_text is None:
         out.add(1, 1, None, "empty file: expected a header of query keys such as StudyDate,PatientID")
         return []
@@ -291,7 +291,7 @@ def _read(it: Iterator[str], lines: _Lines, out: _Collector, allow_wildcards: bo
                 if row is not None:
                     rows.append(row)
     except csv.Error as exc:
-        raise _Fatal(last + 1, 1, f"not valid CSV ({exc})") from None
+        raise Unreadable(last + 1, 1, f"not valid CSV ({exc})") from None
     if not rows and not out.total:
         out.add(header_line, 1, None, "no rows after the header")
     return rows
