@@ -139,6 +139,12 @@ def plan(journal: Journal, batch: Path, rows: list[BatchRow], cfg: Config, local
             continue
         answers = local.find_series(cfg.source.modality, None, row.study_uid)
         kept = [a for a in answers if cfg.filter.accepts(a.modality, a.description)]
+        blind = sum(1 for a in kept if not a.description) if cfg.filter.series_description_exclude else 0
+        if blind:  # e.g. DCMTK dcmqrscp answers no SeriesDescription: the filter cannot see them
+            log.warning(
+                "filter.description_unknown", study=row.study_uid, line=row.line, series=blind,
+                note="the source gave no SeriesDescription: filter.series_description.exclude could not apply",
+            )  # fmt: skip
         planned += [(a.series_uid, a.study_uid, row.patient_id or a.patient_id, row.line) for a in kept]
         reason = None
         if not answers:

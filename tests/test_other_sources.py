@@ -63,3 +63,19 @@ def test_study_row_from_qrscp_counts_each_series_once(same: Stack, tmp_path: Pat
     assert (report["summary"]["complete"], report["summary"]["instances"]) == (2, 10)
     (study,) = report["studies"]
     assert (study["series_found"], study["series_planned"]) == (2, 2)
+
+
+def test_description_filter_blind_on_dcmqrscp_is_said(same: Stack, tmp_path: Path) -> None:
+    """dcmqrscp answers no SeriesDescription: a description filter cannot apply, and the run says so."""
+    series = make_series(2, 4, seed=548, rows=16, columns=16, patients=1)
+    with dcmqrscp_source(tmp_path, series, same.centre) as modality:
+        batch = tmp_path / "studies.csv"
+        batch.write_text(f"StudyInstanceUID\n{series[0].study_uid}\n")
+        cfg = write_config(tmp_path / "t.yaml", same.centre.url, source=modality)
+        cfg.write_text(cfg.read_text() + "filter: {series_description: {exclude: ['*scout*']}}\n")
+        res = run_cli("--batch", batch, "--config", cfg, "--report", tmp_path / "r.json")
+    assert res.returncode == 0, res.stderr
+    assert "filter.description_unknown" in res.stderr
+    assert "series=2" in res.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"]["complete"] == 2
