@@ -256,6 +256,20 @@ RETRIEVE_JOB = "retrieve-job"  # 1.10: /modalities/{id}/query → /answers/0/ret
 BLOCKING = "blocking"  # any version: synchronous /modalities/{id}/move, run from a worker thread
 
 
+_ASSOCIATION_FAILURES = (
+    "DicomAssociation - connecting",  # Orthanc could not open an association
+    "TCP Initialization Error",
+    "No route to host",
+    "Connection refused",
+    "Connection timed out",
+)
+
+
+def is_association_failure(text: str | None) -> bool:
+    """Orthanc's words for "the peer could not be reached" (as opposed to a refusal)."""
+    return text is not None and any(marker in text for marker in _ASSOCIATION_FAILURES)
+
+
 def choose_move_method(version: tuple[int, ...]) -> str:
     """The move path for this Orthanc.
 

@@ -23,6 +23,7 @@ import structlog
 from .config import Config
 from .errors import DestinationUnknown, MoveRefused, OrthancError, Unreachable
 from .journal import Journal, SeriesRow
+from .lookahead import Lookahead
 from .orthanc import (
     BLOCKING,
     Destination,
@@ -31,6 +32,7 @@ from .orthanc import (
     SeriesAnswer,
     choose_move_method,
     dimse_from_error,
+    is_association_failure,
 )
 from .states import TRANSITIONS, Event, State, next_state
 from .throttle import Throttle
@@ -48,26 +50,8 @@ CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at mos
 # then ever less often (HOT_BACKOFF × time past that end, up to poll_s): a series is whole
 # there before the PACS's final C-MOVE response ends the job, so the count sees it first.
 HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
-# Look-ahead C-FINDs ask for many series at once (List of UID Matching): as many as the
-# recent pace moves in LIST_AHEAD_S, at most LIST_MAX; an answer older than LIST_MAX_AGE_S
-# is asked again (the count may have grown). Sources that refuse lists get one C-FIND each.
-LIST_AHEAD_S, LIST_MAX, LIST_MAX_AGE_S = 30.0, 50, 60.0
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 OVERTAKEN_GRACE_S = 0.5  # a later move delivering this long after ours ended: ours was dropped
-
-
-_ASSOCIATION_FAILURES = (
-    "DicomAssociation - connecting",  # Orthanc could not open an association
-    "TCP Initialization Error",
-    "No route to host",
-    "Connection refused",
-    "Connection timed out",
-)
-
-
-def is_association_failure(text: str | None) -> bool:
-    """Orthanc's words for "the peer could not be reached" (as opposed to a refusal)."""
-    return text is not None and any(marker in text for marker in _ASSOCIATION_FAILURES)
 
 
 def hot_interval(late: float, poll_s: float) -> float | None:
@@ -206,12 +190,7 @@ class Scheduler:
         self._latest_delivering_issue = 0.0  # issue time of the latest move seen delivering
         self._series_only: set[str] = set()
         self._s_per_series: float | None = None  # measured seconds per complete series (moving average)
-        self._lists = True  # the source answers list C-FINDs; off after a refusal
-        self._list_max = LIST_MAX  # halved when a list C-FIND hits the source's answer limit
-        # list answers not used yet: when asked, the answer, the destination's count then
-        # and whether that batch count ran
-        self._answers: dict[str, tuple[float, SeriesAnswer, int | None, bool]] = {}
-        self._listed: set[str] = set()  # pending series already asked in a list C-FIND
+        self.lookahead = Lookahead(local, dest, cfg.source.modality, clock)
         self.down_since: float | None = None  # the source stopped answering (association failures)
         self.probe_at: float | None = None
         self.probe_wait = 1.0  # image-level repair refused or useless: move series
@@ -351,17 +330,22 @@ class Scheduler:
         todo = max(1, (flight.expected or 0) - flight.baseline)
         return flight.issued_at + 0.85 * todo * self._s_per_instance
 
+    @staticmethod
+    def _young_job(flight: Flight, now: float) -> bool:
+        """A move job still running and younger than HOT_S (a blocking move wakes the loop itself)."""
+        return flight.future is None and flight.job_ended_at is None and now - flight.issued_at < HOT_S
+
     def _hot_interval(self, flight: Flight, now: float) -> float | None:
         """How often to count a young move now; None while it is not (or no longer) near its end."""
-        if flight.future is not None or flight.job_ended_at is not None or now - flight.issued_at >= HOT_S:
-            return None  # a blocking move wakes the loop itself when it returns
+        if not self._young_job(flight, now):
+            return None
         return hot_interval(now - self._predicted_end(flight), self.t.poll_s)
 
     def _next_hot_look(self, now: float) -> float | None:
         """Seconds until a young move should next be counted; None when none is near."""
         waits = []
         for flight in self.flights.values():
-            if flight.future is not None or flight.job_ended_at is not None or now - flight.issued_at >= HOT_S:
+            if not self._young_job(flight, now):
                 continue
             interval = self._hot_interval(flight, now)
             if interval is None:
@@ -439,71 +423,16 @@ class Scheduler:
         if want <= 0:
             return False
         rows = self.journal.rows(State.PENDING, limit=want)
-        if self._lists and any(row.uid not in self._listed for row in rows):
-            self._ask_list()
+        if self.lookahead.wants(rows):
+            size = self.lookahead.size(self._s_per_series, self.throttle.limit)
+            self.lookahead.ask(self.journal.rows(State.PENDING, limit=size))
         for row in rows:
-            self._listed.discard(row.uid)
-            asked_at, answer, have, checked = self._answers.pop(row.uid, (0.0, None, None, False))
-            if answer is not None and self.clock() - asked_at < LIST_MAX_AGE_S:
-                self._use_answer(row, answer, have, listed=checked)
+            known = self.lookahead.take(row.uid)
+            if known is not None:
+                self._use_answer(row, known.answer, known.have, listed=known.checked)
             else:
                 self._query(row)  # not in a list answer (or too old): one C-FIND decides
         return bool(rows)
-
-    def _list_size(self) -> int:
-        """How many series the next list C-FIND asks for: the recent pace × LIST_AHEAD_S."""
-        if self._s_per_series is None:
-            return self._list_max  # answers not used within LIST_MAX_AGE_S are asked again anyway
-        pace = self._s_per_series / self.throttle.limit
-        return max(2, min(self._list_max, int(LIST_AHEAD_S / max(pace, 1e-3))))
-
-    def _ask_list(self) -> None:
-        """One SERIES-level C-FIND for the next pending series; keeps the answers for `_query`."""
-        rows = [r for r in self.journal.rows(State.PENDING, limit=self._list_size()) if r.uid not in self._listed]
-        if len(rows) < 2:
-            return
-        # A hierarchical PACS needs the study key: rows with and without it are asked apart.
-        for group in ([r for r in rows if r.study_uid], [r for r in rows if not r.study_uid]):
-            if len(group) < 2:
-                continue
-            studies = sorted({r.study_uid for r in group if r.study_uid})
-            try:
-                answers = self.local.find_series_list(self.cfg.source.modality, [r.uid for r in group], studies)
-            except Unreachable:
-                raise
-            except OrthancError as exc:
-                if dimse_from_error(exc) == 0xFE00 and len(group) > 2:
-                    self._list_max = len(group) // 2  # more answers than the source's limit
-                elif not is_association_failure(exc.details or exc.message):
-                    self._lists = False  # the source refuses lists: one C-FIND per series
-                    log.info("query.list_refused", error=(exc.details or exc.message)[:200])
-                return
-            asked = {r.uid: r for r in group}
-            matched = [
-                a
-                for a in answers
-                if a.series_uid in asked and asked[a.series_uid].study_uid in (None, "", a.study_uid)
-            ]
-            self._listed.update(asked)
-            log.debug("query.list", asked=len(group), found=len(matched))
-            if not matched:
-                self._lists = False  # a source that ignores lists answers nothing: ask one by one
-                return
-            have: dict[str, int] | None = None
-            try:
-                have = self.dest.counts([a.series_uid for a in matched])  # one call, not one per series
-            except Unreachable:
-                raise
-            except OrthancError as exc:  # counted one by one instead
-                log.info("destination.list_count_failed", error=exc.message[:200])
-            # A destination's LimitFindResults may cut that answer short: "absent" is certain
-            # only when it found none or all; otherwise absent ones are counted by their id.
-            present = sum(1 for n in (have or {}).values() if n)
-            certain = have is not None and present in (0, len(have))
-            now = self.clock()
-            for a in matched:
-                n = (have or {}).get(a.series_uid, 0)
-                self._answers[a.series_uid] = (now, a, n if n or certain else None, have is not None)
 
     def _query(self, row: SeriesRow) -> None:
         source = self.cfg.source.modality
@@ -704,7 +633,8 @@ class Scheduler:
             if (
                 flight.uid in ended
                 or changed
-                or now - flight.counted_at >= (self._hot_interval(flight, now) or RECOUNT_EVERY_S)
+                or now - flight.counted_at >= (self._hot_interval(flight, now) or self._recount_every(flight))
+                or (flight.job_ended_at is not None and flight.counted_at < self._last_arrival_at)
             ):
                 self._recount(flight, now)
             state = flight.state
@@ -720,6 +650,7 @@ class Scheduler:
                     job_succeeded=flight.job_succeeded,
                     delivered=flight.count - flight.baseline,
                     now=now,
+                    seen_at=flight.counted_at,
                 ),
                 stall_s=self.t.stall_s,
                 deadline_s=self.t.move_timeout_s,
@@ -738,6 +669,10 @@ class Scheduler:
                 progressed = True
         return progressed
 
+    def _recount_every(self, flight: Flight) -> float:
+        """A move that ended short is counted often enough to prove a stall on time."""
+        return RECOUNT_EVERY_S if flight.job_ended_at is None else min(RECOUNT_EVERY_S, self.t.stall_s / 4)
+
     def _overtaken(self, flight: Flight, now: float) -> bool:
         """Acknowledged, nothing came, and a move issued after it has delivered: dropped.
 
@@ -749,6 +684,7 @@ class Scheduler:
             and flight.job_succeeded
             and flight.count <= flight.baseline
             and self._latest_delivering_issue > flight.issued_at
+            and flight.counted_at >= self._last_arrival_at  # our count is not older than theirs
             and now - flight.job_ended_at >= OVERTAKEN_GRACE_S
         )
 

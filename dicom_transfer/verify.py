@@ -28,6 +28,7 @@ class Observation:
     job_succeeded: bool
     delivered: int  # instances that arrived since this attempt was issued
     now: float
+    seen_at: float | None = None  # when `count` was read (None: at `now`)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,11 @@ def judge(obs: Observation, *, stall_s: float, deadline_s: float) -> Decision:
     if obs.job_ended_at is None:
         return Decision(Verdict.WAIT)
 
+    # A stall is proven by a count read stall_s after the last growth, never by time alone:
+    # a controller that was not looking (starved, suspended) has seen no quiet.
     quiet_since = max(obs.last_growth_at, obs.job_ended_at)
-    if obs.now - quiet_since < stall_s:
+    seen = obs.now if obs.seen_at is None else obs.seen_at
+    if seen - quiet_since < stall_s:
         return Decision(Verdict.WAIT)
     if obs.expected is None and obs.job_succeeded and obs.count > 0:
         return Decision(Verdict.ARRIVED, verified="stable-count")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_cli
@@ -50,16 +51,22 @@ def test_batch_from_other_source(same: Stack, tmp_path: Path, kind: str) -> None
     assert db.execute("SELECT COUNT(*) FROM events WHERE event='issued'").fetchone() == (3,)  # one move each
 
 
-def test_study_row_from_qrscp_counts_each_series_once(same: Stack, tmp_path: Path) -> None:
-    """A study row against qrscp (one SERIES answer per instance): 2 series planned, moved, and reported as 2."""
-    series = make_series(2, 5, seed=546, rows=16, columns=16, patients=1)
-    with qrscp_source(tmp_path, series, same.centre) as modality:
+def run_study_row(kind: str, same: Stack, tmp_path: Path, seed: int, extra_yaml: str = "") -> tuple[Any, dict]:
+    """One study of 2 series on a `kind` source, moved from a one-row study batch."""
+    series = make_series(2, 5, seed=seed, rows=16, columns=16, patients=1)
+    with SOURCES[kind](tmp_path, series, same.centre) as modality:
         batch = tmp_path / "studies.csv"
         batch.write_text(f"StudyInstanceUID\n{series[0].study_uid}\n")
         cfg = write_config(tmp_path / "t.yaml", same.centre.url, source=modality)
+        cfg.write_text(cfg.read_text() + extra_yaml)
         res = run_cli("--batch", batch, "--config", cfg, "--report", tmp_path / "r.json", "--json")
     assert res.returncode == 0, res.stderr
-    report = json.loads((tmp_path / "r.json").read_text())
+    return res, json.loads((tmp_path / "r.json").read_text())
+
+
+def test_study_row_from_qrscp_counts_each_series_once(same: Stack, tmp_path: Path) -> None:
+    """A study row against qrscp (one SERIES answer per instance): 2 series planned, moved, and reported as 2."""
+    _, report = run_study_row("qrscp", same, tmp_path, seed=546)
     assert (report["summary"]["complete"], report["summary"]["instances"]) == (2, 10)
     (study,) = report["studies"]
     assert (study["series_found"], study["series_planned"]) == (2, 2)
@@ -67,15 +74,9 @@ def test_study_row_from_qrscp_counts_each_series_once(same: Stack, tmp_path: Pat
 
 def test_description_filter_blind_on_dcmqrscp_is_said(same: Stack, tmp_path: Path) -> None:
     """dcmqrscp answers no SeriesDescription: a description filter cannot apply, and the run says so."""
-    series = make_series(2, 4, seed=548, rows=16, columns=16, patients=1)
-    with dcmqrscp_source(tmp_path, series, same.centre) as modality:
-        batch = tmp_path / "studies.csv"
-        batch.write_text(f"StudyInstanceUID\n{series[0].study_uid}\n")
-        cfg = write_config(tmp_path / "t.yaml", same.centre.url, source=modality)
-        cfg.write_text(cfg.read_text() + "filter: {series_description: {exclude: ['*scout*']}}\n")
-        res = run_cli("--batch", batch, "--config", cfg, "--report", tmp_path / "r.json")
-    assert res.returncode == 0, res.stderr
+    res, report = run_study_row(
+        "dcmqrscp", same, tmp_path, seed=548, extra_yaml="filter: {series_description: {exclude: ['*scout*']}}\n"
+    )
     assert "filter.description_unknown" in res.stderr
     assert "series=2" in res.stderr
-    report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["complete"] == 2

@@ -227,3 +227,12 @@ def test_decision_is_pure():
     """judge has no hidden state: the same observation gives the same decision."""
     o = obs(count=37, job_ended_at=T0 + 1, now=T0 + 1 + STALL)
     assert decide(o) == decide(o)
+
+
+def test_stall_needs_a_count_read_after_the_quiet_period() -> None:
+    """Time alone proves nothing: a count read before stall_s had passed keeps the series waiting."""
+    ended = T0 + 5
+    late = obs(count=30, last_growth_at=T0 + 4, job_ended_at=ended, job_succeeded=True, now=ended + 100)
+    assert decide(replace(late, seen_at=ended + 1)).verdict is Verdict.WAIT  # we were not looking
+    assert decide(replace(late, seen_at=ended + STALL)).verdict is Verdict.SHORT
+    assert decide(late).verdict is Verdict.SHORT  # seen_at None: read at `now`

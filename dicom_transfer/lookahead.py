@@ -1,0 +1,110 @@
+"""Look-ahead C-FINDs for many series at once, kept until the scheduler uses them.
+
+One SERIES-level C-FIND carries the next pending series as lists of UIDs (List of UID
+Matching, PS3.4 C.2.2.2.2), and one `POST /tools/find` counts them at the destination. A
+hospital PACS then sees one C-FIND association per up to LIST_MAX series instead of one
+per series. Not every PACS supports lists: a refusal (pynetdicom's qrscp answers 0xC320)
+or a list answered with nothing turns them off for the run; an answer limit (0xFE00)
+halves them. Whatever a list does not answer is asked one series at a time by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from .errors import OrthancError, Unreachable
+from .journal import SeriesRow
+from .orthanc import Destination, LocalOrthanc, SeriesAnswer, dimse_from_error, is_association_failure
+
+log = structlog.get_logger("dicom_transfer")
+
+# As many series as the recent pace moves in LIST_AHEAD_S, at most LIST_MAX; an answer
+# older than LIST_MAX_AGE_S is asked again (the count may have grown meanwhile).
+LIST_AHEAD_S, LIST_MAX, LIST_MAX_AGE_S = 30.0, 50, 60.0
+
+
+@dataclass(frozen=True)
+class Known:
+    """A list answer for one series, with the destination's count when the batch count settled it."""
+
+    answer: SeriesAnswer
+    have: int | None  # None: count it by its computed id
+    checked: bool  # the batch count ran (so no lookup under another PatientID is needed)
+
+
+class Lookahead:
+    """List C-FINDs ahead of the moves; `take` hands out each answer once."""
+
+    def __init__(self, local: LocalOrthanc, dest: Destination, modality: str, clock: Callable[[], float]) -> None:
+        self.local, self.dest, self.modality, self.clock = local, dest, modality, clock
+        self.enabled = True  # off after a refusal, or a list answered with nothing
+        self.max = LIST_MAX  # halved when a list hits the source's answer limit
+        self._known: dict[str, tuple[float, Known]] = {}
+        self._asked: set[str] = set()  # pending series already in a list C-FIND
+
+    def wants(self, rows: list[SeriesRow]) -> bool:
+        """Whether a list C-FIND should run before these rows are queried."""
+        return self.enabled and any(row.uid not in self._asked for row in rows)
+
+    def size(self, s_per_series: float | None, in_flight: int) -> int:
+        """How many series the next list asks for: the recent pace × LIST_AHEAD_S."""
+        if s_per_series is None:
+            return self.max  # answers not used within LIST_MAX_AGE_S are asked again anyway
+        pace = s_per_series / max(1, in_flight)
+        return max(2, min(self.max, int(LIST_AHEAD_S / max(pace, 1e-3))))
+
+    def take(self, uid: str) -> Known | None:
+        """The list answer for a series (once), or None: ask it on its own."""
+        self._asked.discard(uid)
+        asked_at, known = self._known.pop(uid, (0.0, None))
+        return known if known is not None and self.clock() - asked_at < LIST_MAX_AGE_S else None
+
+    def ask(self, rows: list[SeriesRow]) -> None:
+        """One SERIES-level C-FIND (and one destination count) for the rows not asked yet."""
+        rows = [r for r in rows if r.uid not in self._asked]
+        # A hierarchical PACS needs the study key: rows with and without it are asked apart.
+        for group in ([r for r in rows if r.study_uid], [r for r in rows if not r.study_uid]):
+            if len(group) >= 2 and not self._ask(group):
+                return
+
+    def _ask(self, group: list[SeriesRow]) -> bool:
+        studies = sorted({r.study_uid for r in group if r.study_uid})
+        try:
+            answers = self.local.find_series_list(self.modality, [r.uid for r in group], studies)
+        except Unreachable:
+            raise
+        except OrthancError as exc:
+            if dimse_from_error(exc) == 0xFE00 and len(group) > 2:
+                self.max = len(group) // 2  # more answers than the source's limit
+            elif not is_association_failure(exc.details or exc.message):
+                self.enabled = False  # the source refuses lists: one C-FIND per series
+                log.info("query.list_refused", error=(exc.details or exc.message)[:200])
+            return False
+        asked = {r.uid: r for r in group}
+        matched = [
+            a for a in answers if a.series_uid in asked and asked[a.series_uid].study_uid in (None, "", a.study_uid)
+        ]
+        self._asked.update(asked)
+        log.debug("query.list", asked=len(group), found=len(matched))
+        if not matched:
+            self.enabled = False  # a source that ignores lists answers nothing: ask one by one
+            return False
+        have: dict[str, int] | None = None
+        try:
+            have = self.dest.counts([a.series_uid for a in matched])  # one call, not one per series
+        except Unreachable:
+            raise
+        except OrthancError as exc:  # counted one by one instead
+            log.info("destination.list_count_failed", error=exc.message[:200])
+        # A destination's LimitFindResults may cut that answer short: "absent" is certain
+        # only when it found none or all; otherwise absent ones are counted by their id.
+        present = sum(1 for n in (have or {}).values() if n)
+        certain = have is not None and present in (0, len(have))
+        now = self.clock()
+        for a in matched:
+            n = (have or {}).get(a.series_uid, 0)
+            self._known[a.series_uid] = (now, Known(a, n if n or certain else None, have is not None))
+        return True
