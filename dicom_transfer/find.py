@@ -36,7 +36,7 @@ from .batch import Lines, Problems, Unreadable, first_line, is_valid_uid, quoted
 from .config import Config, FilterConfig
 from .errors import DicomTransferError, OrthancError, Unreachable
 from .journal import Journal
-from .orthanc import LocalOrthanc, dimse_from_error
+from .orthanc import LocalOrthanc, dimse_from_error, positive_int
 from .states import State
 
 log = structlog.get_logger("dicom_transfer")
@@ -434,14 +434,6 @@ def _refusal(exc: OrthancError) -> int | None:
     return None
 
 
-def _count(value: Any) -> int | None:
-    try:
-        n = int(str(value).strip())
-    except (TypeError, ValueError):
-        return None
-    return n if n > 0 else None
-
-
 def _text(answer: Mapping[str, Any], key: str) -> str:
     value = answer.get(key)
     return value.strip() if isinstance(value, str) else ""
@@ -628,7 +620,7 @@ class Finder:
             if not is_valid_uid(uid)[0]:
                 self.stats.invalid += 1
             elif self._series_matches(filters, study_uid, answer):
-                found.append((_count(answer.get("SeriesNumber")) or 0, uid, answer))
+                found.append((positive_int(answer.get("SeriesNumber")) or 0, uid, answer))
             else:
                 self.stats.dropped += 1
         patient = _text(study, "PatientID") or None
@@ -639,7 +631,7 @@ class Finder:
                 modality=_text(a, "Modality") or None,
                 study_date=_text(study, "StudyDate") or None,
                 description=_text(a, "SeriesDescription") or None,
-                instances=_count(a.get("NumberOfSeriesRelatedInstances")),
+                instances=positive_int(a.get("NumberOfSeriesRelatedInstances")),
                 patient_id=patient,
                 line=row.line,
             )

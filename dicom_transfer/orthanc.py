@@ -281,7 +281,8 @@ def choose_move_method(version: tuple[int, ...]) -> str:
     return MOVE_JOB if version >= (1, 11, 1) else BLOCKING
 
 
-def _int_or_none(value: Any) -> int | None:
+def positive_int(value: Any) -> int | None:
+    """A DICOM count such as NumberOfSeriesRelatedInstances as an int; None when absent, empty or not > 0."""
     try:
         n = int(str(value).strip())
     except (TypeError, ValueError):
@@ -343,7 +344,7 @@ class LocalOrthanc(OrthancRest):
             study_uid=str(a.get("StudyInstanceUID", "")),
             series_uid=str(a["SeriesInstanceUID"]),
             patient_id=a.get("PatientID") or None,
-            expected=_int_or_none(a.get("NumberOfSeriesRelatedInstances")),
+            expected=positive_int(a.get("NumberOfSeriesRelatedInstances")),
             modality=a.get("Modality") or None,
             description=a.get("SeriesDescription") or None,
             tags={k: str(v) for k, v in a.items() if isinstance(v, str)},

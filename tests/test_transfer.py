@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, start_cli, wait_complete
 
+from bench.resilience import count_at
 from dicom_transfer.stack import Stack
 from dicom_transfer.synthetic import SyntheticSeries, instance_bytes, make_series, upload, write_batch_csv
 
@@ -31,9 +32,7 @@ def write_config(path: Path, stack: Stack, **transfer: object) -> Path:
 
 
 def series_count(stack_member, series_uid: str) -> int:
-    found = stack_member.rest.post("/tools/lookup", content=series_uid)
-    ids = [f["ID"] for f in found if f["Type"] == "Series"]
-    return len(stack_member.rest.get(f"/series/{ids[0]}")["Instances"]) if ids else 0
+    return count_at(stack_member.rest, series_uid)
 
 
 def jobs_count(stack: Stack) -> int:
