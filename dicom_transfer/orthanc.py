@@ -7,8 +7,17 @@ performs on our behalf (C-ECHO, C-FIND, C-MOVE); `Destination` counts what arriv
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
+import json as _json
 import re
+import select
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +54,133 @@ def orthanc_series_id(patient_id: str, study_uid: str, series_uid: str) -> str:
 
 _R = TypeVar("_R", bound="OrthancRest")
 
+IDLE_REUSE_S = 0.5  # Orthanc closes a keep-alive connection after 1 s idle ("Keep-Alive: timeout=1")
+CONNECT_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One HTTP answer, whichever wire carried it."""
+
+    status: int
+    reason: str
+    content_type: str
+    content: bytes
+
+
+class _PlainHttp:
+    """Plain http on the standard library's `http.client`, keep-alive connections pooled.
+
+    Orthanc answers a count in ~0.3 ms; httpx spent ~0.3-0.5 ms of Python around each
+    request (URL validation, cookies, header models), and the proof of arrival is one GET
+    after every move. Any number of threads may share it. A connection idle longer than
+    IDLE_REUSE_S, or one the server closed, is replaced before use, so a request is never
+    written into a connection the server already dropped.
+    """
+
+    def __init__(self, host: str, port: int, auth: str | None) -> None:
+        self.host, self.port = host, port
+        self._headers = {"Host": f"{host}:{port}", "Accept-Encoding": "identity", "Accept": "*/*"}
+        if auth is not None:
+            self._headers["Authorization"] = auth
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._lock = threading.Lock()
+
+    def _take(self) -> http.client.HTTPConnection:
+        now = time.monotonic()
+        with self._lock:
+            while self._idle:
+                conn, used_at = self._idle.pop()
+                sock = conn.sock
+                # Readable while idle means the server closed it (or broke protocol).
+                if sock is not None and now - used_at < IDLE_REUSE_S and not select.select([sock], [], [], 0)[0]:
+                    return conn
+                conn.close()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_S)
+        try:
+            conn.connect()
+        except OSError as exc:
+            raise _NotDelivered(None, f"http://{self.host}:{self.port}", f"cannot connect ({exc})") from exc
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def send(self, method: str, url: str, path: str, body: bytes | None, content_type: str | None,
+             timeout_s: float) -> _Answer:  # fmt: skip
+        conn = self._take()
+        headers = dict(self._headers)
+        if body is not None or method in ("POST", "PUT"):
+            headers["Content-Length"] = str(len(body or b""))
+            if content_type:
+                headers["Content-Type"] = content_type
+        try:
+            conn.sock.settimeout(timeout_s)
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            content = response.read()
+        except TimeoutError as exc:
+            conn.close()
+            raise TransientOrthancError(None, url, f"timed out ({exc})") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise TransientOrthancError(None, url, f"connection failed ({type(exc).__name__}: {exc})") from exc
+        if response.will_close:
+            conn.close()
+        else:
+            with self._lock:
+                self._idle.append((conn, time.monotonic()))
+        return _Answer(response.status, response.reason, response.getheader("Content-Type") or "", content)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn, _ in self._idle:
+                conn.close()
+            self._idle.clear()
+
+
+class _Httpx:
+    """https, or a proxy from the environment: pyorthanc's client (an httpx.Client)."""
+
+    def __init__(self, url: str, username: str | None, password: str | None, timeout_s: float) -> None:
+        self._client = pyorthanc.Orthanc(
+            url,
+            username=username,
+            password=password,
+            return_raw_response=True,
+            timeout=httpx.Timeout(timeout_s, connect=CONNECT_S),
+        )
+
+    def send(self, method: str, url: str, path: str, body: bytes | None, content_type: str | None,
+             timeout_s: float) -> _Answer:  # fmt: skip
+        headers = {"Content-Type": content_type} if content_type else None
+        try:
+            response = self._client.request(
+                method, url, content=body, headers=headers, timeout=httpx.Timeout(timeout_s, connect=CONNECT_S)
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _NotDelivered(None, url, f"cannot connect ({exc})") from exc
+        except httpx.TimeoutException as exc:
+            raise TransientOrthancError(None, url, f"timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise TransientOrthancError(None, url, f"connection failed ({exc})") from exc
+        return _Answer(response.status_code, response.reason_phrase, response.headers.get("content-type", ""),
+                       response.content)  # fmt: skip
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _wire(url: str, username: str | None, password: str | None, timeout_s: float) -> _PlainHttp | _Httpx:
+    """Plain http without a proxy: our own small client; anything else: pyorthanc's httpx client."""
+    parsed = urllib.parse.urlsplit(url)
+    proxied = "http" in urllib.request.getproxies() and not urllib.request.proxy_bypass(parsed.hostname or "")
+    if parsed.scheme != "http" or proxied or not parsed.hostname:
+        return _Httpx(url, username, password, timeout_s)
+    auth = None
+    if username is not None:
+        token = base64.b64encode(f"{username}:{password or ''}".encode()).decode("ascii")
+        auth = f"Basic {token}"
+    return _PlainHttp(parsed.hostname, parsed.port or 80, auth)
+
 
 class _NotDelivered(TransientOrthancError):
     """The request never reached Orthanc (connect failed): safe to repeat any call."""
@@ -71,24 +207,17 @@ class OrthancRest:
         self.url = url.rstrip("/")
         self.name = name
         self._args = (url, username, password, timeout_s, retry_deadline_s, name)
+        self.timeout_s = timeout_s
         self.retry_deadline_s = retry_deadline_s
-        # pyorthanc's Orthanc is an httpx.Client; raw responses let us keep status codes.
-        self._client = pyorthanc.Orthanc(
-            self.url,
-            username=username,
-            password=password,
-            return_raw_response=True,
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-            # Plain http needs no CA bundle; loading it costs ~20 ms per client.
-            verify=not self.url.startswith("http://"),
-        )
+        self._wire = _wire(self.url, username, password, timeout_s)
+        self._base_path = urllib.parse.urlsplit(self.url).path
         self.calls = 0
 
     def close(self) -> None:
-        self._client.close()
+        self._wire.close()
 
     def clone(self: _R) -> _R:
-        """A second client to the same server (for a worker thread: one client per thread)."""
+        """A second client to the same server (for a worker thread)."""
         url, username, password, timeout_s, retry_deadline_s, name = self._args
         twin = type(self)(url, username, password, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s, name=name)
         twin.retry_deadline_s = self.retry_deadline_s
@@ -139,42 +268,36 @@ class OrthancRest:
         timeout_s: float | None,
         raw: bool,
     ) -> Any:
-        url = f"{self.url}{path}"
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        url = f"{self.url}{path}{query}"
         self.calls += 1
-        kwargs: dict[str, Any] = {"params": params}
-        if timeout_s is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=5.0)
-        if method in ("POST", "PUT"):
-            kwargs["json"] = json
-            kwargs["content"] = content
-        try:
-            response = self._client.request(method, url, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _NotDelivered(None, url, f"cannot connect ({exc})") from exc
-        except httpx.TimeoutException as exc:
-            raise TransientOrthancError(None, url, f"timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise TransientOrthancError(None, url, f"connection failed ({exc})") from exc
-        return self._decode(response, url, raw)
+        body, content_type = None, None
+        if json is not None:
+            body, content_type = _json.dumps(json).encode(), "application/json"
+        elif content is not None:
+            body = content.encode() if isinstance(content, str) else content
+        answer = self._wire.send(method, url, f"{self._base_path}{path}{query}", body, content_type,
+                                 timeout_s if timeout_s is not None else self.timeout_s)  # fmt: skip
+        return self._decode(answer, url, raw)
 
     @staticmethod
-    def _decode(response: httpx.Response, url: str, raw: bool) -> Any:
-        status = response.status_code
+    def _decode(answer: _Answer, url: str, raw: bool) -> Any:
+        status = answer.status
         if 200 <= status < 300:
             if raw:
-                return response.content
-            if not response.content:
+                return answer.content
+            if not answer.content:
                 return None
-            if "json" in response.headers.get("content-type", ""):
-                return response.json()
-            return response.text
-        message, details = response.reason_phrase, None
+            if "json" in answer.content_type:
+                return _json.loads(answer.content)
+            return answer.content.decode("utf-8", "replace")
+        message, details = answer.reason, None
         try:
-            body = response.json()
+            body = _json.loads(answer.content)
             message = body.get("Message") or message
             details = body.get("Details") or None
-        except ValueError:
-            text = response.text.strip()
+        except (ValueError, AttributeError):
+            text = answer.content.decode("utf-8", "replace").strip()
             details = text[:300] or None
         if status in (401, 403):
             raise OrthancError(status, url, "authentication failed: check username/password")
@@ -510,34 +633,39 @@ class Destination(OrthancRest):
     def count(self, series_uid: str, *, lookup: bool = True) -> int:
         """How many instances of this series the destination holds (0 when none).
 
+        One `GET /series/{id}/statistics` on the series' Orthanc id: the one found before,
+        else the id computed from its PatientID and UIDs (a SHA-1 of the three, so an id
+        that exists is this series). `/statistics` is the cheapest count Orthanc answers:
+        ~0.6-0.9 ms on 1.10 and 1.12, where `GET /series/{id}` costs 2-2.5 ms on 1.12.
         `lookup=False` (a poll while the move runs): when the computed id is not there yet,
         answer 0 without the `/tools/lookup` that would catch a series stored under another
         PatientID; the count after the move looks it up.
         """
+        sid = self._series_ids.get(series_uid)
+        if sid is not None:
+            held = self._held(sid)
+            if held is not None:
+                return held
+            self._series_ids.pop(series_uid, None)  # deleted since we found it
         guess = self._guesses.get(series_uid)
-        if guess is not None and series_uid not in self._series_ids:
-            try:
-                series = self.get(f"/series/{guess}")
-            except OrthancError as exc:
-                if exc.status != 404:
-                    raise
-                if not lookup:
-                    return 0
-            else:
-                if series.get("MainDicomTags", {}).get("SeriesInstanceUID") == series_uid:
-                    self._series_ids[series_uid] = guess
-                    return len(series.get("Instances", []))
-        sid = self.series_id(series_uid)
-        if sid is None:
-            return 0
-        try:
-            series = self.get(f"/series/{sid}")
-        except OrthancError as exc:
-            if exc.status == 404:  # deleted since we cached its id
-                self._series_ids.pop(series_uid, None)
+        if guess is not None:
+            held = self._held(guess)
+            if held is not None:
+                self._series_ids[series_uid] = guess
+                return held
+            if not lookup:
                 return 0
+        sid = self.series_id(series_uid)
+        return 0 if sid is None else self._held(sid) or 0
+
+    def _held(self, sid: str) -> int | None:
+        """Instances of the series with this Orthanc id; None when there is no such series."""
+        try:
+            return int(self.get(f"/series/{sid}/statistics")["CountInstances"])
+        except OrthancError as exc:
+            if exc.status == 404:
+                return None
             raise
-        return len(series.get("Instances", []))
 
     def counts(self, series_uids: list[str]) -> dict[str, int]:
         """Instances held for many series with one `POST /tools/find` (a list of UIDs); 0 when absent."""

@@ -8,6 +8,7 @@ queries run a little ahead of the moves, at most `limit` moves are in flight (AI
 
 from __future__ import annotations
 
+import heapq
 import random
 import threading
 import time
@@ -15,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -180,7 +181,8 @@ class Scheduler:
         self.flights: dict[str, Flight] = {}
         self.method = self.t.move_method
         self.change_mark = 0
-        self._queried = 0  # rows in `queried`, kept in memory to avoid a COUNT per loop
+        # Rows in `queried`, by batch order (seq), as last written: the next move needs no SELECT.
+        self._ready: list[tuple[int, SeriesRow]] = []
         self._progress_at = 0.0
         self._changes_at = 0.0
         self._last_arrival_at = 0.0  # when any in-flight series last grew
@@ -208,7 +210,7 @@ class Scheduler:
         self.journal.record("run.start", {"method": self.method, "limit": self.throttle.limit})
         log.info("run.start", method=self.method, max_in_flight=self.t.max_in_flight)
         self._reclaim()
-        self._queried = len(self.journal.rows(State.QUERIED))
+        self._ready = [(row.seq, row) for row in self.journal.rows(State.QUERIED)]
         self._next_retry_at = self.journal.next_retry_at()
         result = RunResult()
         try:
@@ -419,7 +421,7 @@ class Scheduler:
     # -- queries (a small look-ahead before the moves) ---------------------------------
 
     def _query_ahead(self) -> bool:
-        want = self.t.lookahead + self.throttle.limit - self._queried
+        want = self.t.lookahead + self.throttle.limit - len(self._ready)
         if want <= 0:
             return False
         rows = self.journal.rows(State.PENDING, limit=want)
@@ -477,12 +479,14 @@ class Scheduler:
             if self.after is not None:
                 self.after_queue.append(row.uid)
             return
+        sop = tuple(sorted(sop_uids)) if sop_uids else None
         self.journal.transition(
             row.uid, State.PENDING, Event.QUERIED, f"expected={expected} have={have}",
-            study_uid=answer.study_uid, expected=expected, received=have,
-            sop_uids=sorted(sop_uids) if sop_uids else None,
+            study_uid=answer.study_uid, expected=expected, received=have, sop_uids=sop,
         )  # fmt: skip
-        self._queried += 1
+        queried = replace(row, state=State.QUERIED, study_uid=answer.study_uid, expected=expected,
+                          received=have, sop_uids=sop)  # fmt: skip
+        heapq.heappush(self._ready, (row.seq, queried))
 
     def _source_instances(self, study_uid: str, series_uid: str) -> set[str] | None:
         """IMAGE-level C-FIND, or None when the source refuses it."""
@@ -517,12 +521,8 @@ class Scheduler:
 
     def _issue(self) -> bool:
         issued = False
-        while self._queried > 0 and self.throttle.may_issue(len(self.flights)):
-            rows = self.journal.rows(State.QUERIED, limit=1)
-            if not rows:
-                self._queried = 0
-                break
-            self._start(rows[0])
+        while self._ready and self.throttle.may_issue(len(self.flights)):
+            self._start(heapq.heappop(self._ready)[1])
             issued = True
         return issued
 
@@ -549,7 +549,6 @@ class Scheduler:
             attempts=attempt, issued_at=now, move_method=self.method, job_id=None,
             first_issued_at=row.first_issued_at or now,
         )  # fmt: skip
-        self._queried -= 1
         self.throttle.issued()
         flight = Flight(row.uid, row.study_uid or "", row.expected, attempt, now, baseline)
         flight.count, flight.last_growth_at, flight.counted_at = baseline, now, now
