@@ -9,6 +9,7 @@ queries run a little ahead of the moves, at most `limit` moves are in flight (AI
 from __future__ import annotations
 
 import heapq
+import queue
 import random
 import threading
 import time
@@ -65,6 +66,45 @@ def hot_interval(late: float, poll_s: float) -> float | None:
     if late < 0:
         return None
     return min(poll_s, max(HOT_POLL_S, HOT_BACKOFF * late))
+
+
+class Workers:
+    """Daemon threads for blocking calls. An idle one takes the next call, so a move does
+    not wait for a thread to start (~0.1 ms); another starts only when all are busy.
+    Daemons, so a hung move never blocks exit; one idle for IDLE_S ends.
+    """
+
+    IDLE_S = 30.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []  # idle workers' inboxes
+        self._lock = threading.Lock()
+        self.started = 0
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            self.started += 1
+            name = f"{self.name}-{self.started}"
+            threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
+        inbox.put(job)
+
+    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            try:
+                job = inbox.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:
+                        self._idle.remove(inbox)
+                        return
+                continue  # handed a job just as the wait ran out
+            job()
+            with self._lock:
+                self._idle.append(inbox)
 
 
 def short_uid(uid: str) -> str:
@@ -199,6 +239,7 @@ class Scheduler:
         self.after = after
         self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
+        self._workers = Workers("move")
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -581,7 +622,7 @@ class Scheduler:
         )  # fmt: skip
 
     def _spawn_blocking_move(self, study_uid: str, series_uid: str, subset: list[str] | None) -> Future[JobStatus]:
-        """Run a synchronous C-MOVE in a daemon thread (a hung move never blocks exit)."""
+        """Run a synchronous C-MOVE on a worker thread; the future holds its outcome."""
         if self._mover is None:
             self._mover = self.local.clone()
         mover, future = self._mover, Future[JobStatus]()
@@ -601,7 +642,7 @@ class Scheduler:
             except BaseException as exc:  # pragma: no cover - surfaced in the main thread
                 future.set_exception(exc)
 
-        threading.Thread(target=work, name=f"move-{short_uid(series_uid)}", daemon=True).start()
+        self._workers.run(work)
         return future
 
     def _refused(self, flight: Flight, exc: OrthancError) -> None:

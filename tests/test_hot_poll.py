@@ -1,10 +1,13 @@
-"""The count schedule near a move's predicted end (pure logic, no server)."""
+"""The count schedule near a move's predicted end, and the move workers (no server)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from dicom_transfer.scheduler import HOT_POLL_S, hot_interval
+from dicom_transfer.scheduler import HOT_POLL_S, Workers, hot_interval
 
 
 def test_not_due_before_the_predicted_end() -> None:
@@ -35,3 +38,49 @@ def test_counts_in_a_slow_second_stay_few() -> None:
         counts += 1
     assert counts < 60
     assert counts > 1.0 / 0.05  # never slower than the plain poll
+
+
+# -- Workers: the threads that run blocking moves ------------------------------------------
+
+
+def test_an_idle_worker_takes_the_next_call_and_a_busy_one_gets_company() -> None:
+    workers = Workers("test")
+    names: list[str] = []
+    done = threading.Event()
+    workers.run(lambda: (names.append(threading.current_thread().name), done.set()))
+    assert done.wait(5)
+    for _ in range(50):  # the worker files itself as idle just after the call returns
+        if workers._idle:
+            break
+        time.sleep(0.01)
+    done.clear()
+    workers.run(lambda: (names.append(threading.current_thread().name), done.set()))
+    assert done.wait(5)
+    assert names == ["test-1", "test-1"] and workers.started == 1
+
+    release = threading.Event()
+    blocked = threading.Event()
+    workers.run(lambda: (blocked.set(), release.wait(5)))  # a hung move holds its worker...
+    assert blocked.wait(5)
+    second = threading.Event()
+    workers.run(second.set)  # ...and the next call still runs, on a new thread
+    assert second.wait(5)
+    assert workers.started == 2
+    release.set()
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("test-"))
+
+
+def test_an_idle_worker_ends_after_idle_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Workers, "IDLE_S", 0.05)
+    workers = Workers("ending")
+    ran = threading.Event()
+    workers.run(ran.set)
+    assert ran.wait(5)
+    deadline = time.monotonic() + 5
+    while any(t.name == "ending-1" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(t.name == "ending-1" for t in threading.enumerate())
+    assert workers._idle == []
+    again = threading.Event()
+    workers.run(again.set)  # a new worker starts
+    assert again.wait(5) and workers.started == 2
