@@ -15,8 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_for
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -52,8 +51,9 @@ CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at mos
 # then ever less often (HOT_BACKOFF × time past that end, up to poll_s): a series is whole
 # there before the PACS's final C-MOVE response ends the job, so the count sees it first.
 HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
+PENDING_CHUNK = 64  # pending rows read per SELECT (only this loop moves rows out of `pending`)
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
-OVERTAKEN_GRACE_S = 0.5  # a later move delivering this long after ours ended: ours was dropped
+OVERTAKEN_GRACE_S = 0.5  # a later move whole this long, ours acknowledged and empty: ours was dropped
 
 
 def hot_interval(late: float, poll_s: float) -> float | None:
@@ -229,7 +229,7 @@ class Scheduler:
         self._next_retry_at: float | None = None  # earliest waiting_retry, kept in memory
         self._s_per_instance: float | None = None  # measured move speed (moving average)
         self._moved_ok = False  # a move of this run delivered: 0xA801 is then not a config error
-        self._latest_delivering_issue = 0.0  # issue time of the latest move seen delivering
+        self._completions: deque[tuple[float, float]] = deque(maxlen=64)  # (issued_at, complete at)
         self._series_only: set[str] = set()
         self._s_per_series: float | None = None  # measured seconds per complete series (moving average)
         self.lookahead = Lookahead(local, dest, cfg.source.modality, clock)
@@ -240,6 +240,9 @@ class Scheduler:
         self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
         self._workers = Workers("move")
+        self._returned: queue.SimpleQueue[None] = queue.SimpleQueue()  # a blocking move returned
+        self._pending: deque[SeriesRow] = deque()  # the next `pending` rows, read in chunks
+        self._first_alone = True  # the first query of the run asks one series, not a list
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -279,11 +282,12 @@ class Scheduler:
                 result = RunResult(True, f"the source did not answer for {now - (self.down_since or now):.0f} s")
                 break
             progressed = self._release_retries(now)
+            # Judge the flights first: a series proven whole frees its slot, and the next
+            # one (queried ahead while the last one moved) goes out in the same pass.
+            progressed |= self._poll_flights()
             if open_now and self._source_up(now):
-                # issue first: the next series was queried ahead while the last one moved
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
-            progressed |= self._poll_flights()
             if not self.flights and self._nothing_left():
                 self._drain_after()
                 break
@@ -342,7 +346,7 @@ class Scheduler:
         return self.window is None or self.window.is_open(now)
 
     def _nothing_left(self) -> bool:
-        return not self.journal.has_work()
+        return not self._ready and not self._pending and not self.journal.has_work()
 
     def _idle(self, open_now: bool) -> None:
         """Sleep until something may change: a poll tick, a due retry or the window."""
@@ -362,7 +366,10 @@ class Scheduler:
         running = [f.future for f in self.flights.values() if f.future is not None and not f.future.done()]
         if running and len(running) == len(self.flights):
             # Only blocking moves in flight: wake up the moment one returns, or to count.
-            wait_for(running, timeout=hot if hot is not None else self.t.poll_s * 20, return_when=FIRST_COMPLETED)
+            try:  # every blocking move posts here when it returns (a stale post: one spare pass)
+                self._returned.get(timeout=hot if hot is not None else self.t.poll_s * 20)
+            except queue.Empty:
+                pass
             return
         self.sleep(self.t.poll_s if hot is None else min(self.t.poll_s, hot))
 
@@ -446,6 +453,8 @@ class Scheduler:
         due = self.journal.due_retries(now)
         for row in due:
             self.journal.transition(row.uid, State.WAITING_RETRY, Event.RETRY_DUE)
+        if due:
+            self._pending.clear()  # back in `pending`, ahead of later rows: read again
         self._next_retry_at = self.journal.next_retry_at()
         return bool(due)
 
@@ -465,7 +474,15 @@ class Scheduler:
         want = self.t.lookahead + self.throttle.limit - len(self._ready)
         if want <= 0:
             return False
-        rows = self.journal.rows(State.PENDING, limit=want)
+        rows = self._next_pending(want)
+        if self._first_alone and not self.flights and not self._ready and len(rows) > 1:
+            # The run's first query: asked alone so that the first move starts now; the list
+            # C-FIND for the rest runs while it moves.
+            self._first_alone = False
+            self._pending.extendleft(reversed(rows[1:]))
+            rows = rows[:1]
+            self._query(rows[0])
+            return True
         if self.lookahead.wants(rows):
             size = self.lookahead.size(self._s_per_series, self.throttle.limit)
             self.lookahead.ask(self.journal.rows(State.PENDING, limit=size))
@@ -476,6 +493,12 @@ class Scheduler:
             else:
                 self._query(row)  # not in a list answer (or too old): one C-FIND decides
         return bool(rows)
+
+    def _next_pending(self, want: int) -> list[SeriesRow]:
+        """The next `want` pending rows in batch order, from one SELECT per PENDING_CHUNK."""
+        if len(self._pending) < want:
+            self._pending = deque(self.journal.rows(State.PENDING, limit=max(want, PENDING_CHUNK)))
+        return [self._pending.popleft() for _ in range(min(want, len(self._pending)))]
 
     def _query(self, row: SeriesRow) -> None:
         source = self.cfg.source.modality
@@ -582,22 +605,27 @@ class Scheduler:
         attempt = row.attempts + 1
         baseline = row.received  # counted by the query's pre-check, moments ago
         subset = None if row.uid in self._series_only else self._missing(row)
-        # The move is recorded before it is issued: a crash after this line leaves a
-        # `moving` row that the next run verifies at the destination, never a lost move.
-        self.journal.transition(
-            row.uid, State.QUERIED, Event.ISSUED,
-            f"attempt={attempt}" + (f" instances={len(subset)}" if subset else ""),
-            attempts=attempt, issued_at=now, move_method=self.method, job_id=None,
-            first_issued_at=row.first_issued_at or now,
-        )  # fmt: skip
         self.throttle.issued()
         flight = Flight(row.uid, row.study_uid or "", row.expected, attempt, now, baseline)
         flight.count, flight.last_growth_at, flight.counted_at = baseline, now, now
         flight.first_issued_at = row.first_issued_at or now
         flight.subset = bool(subset)
         self.flights[row.uid] = flight
+
+        def issued(job_id: str | None) -> None:
+            # Recorded (with its job id) once sent and before it is waited on: a crash in
+            # between leaves a `queried` row that the next run counts and moves again (at
+            # worst a duplicate move, never a lost one or a `moving` row with no job).
+            self.journal.transition(
+                row.uid, State.QUERIED, Event.ISSUED,
+                f"attempt={attempt}" + (f" instances={len(subset)}" if subset else ""),
+                attempts=attempt, issued_at=now, move_method=self.method, job_id=job_id,
+                first_issued_at=row.first_issued_at or now,
+            )  # fmt: skip
+
         if self.method == BLOCKING:
             flight.future = self._spawn_blocking_move(row.study_uid or "", row.uid, subset)
+            issued(None)  # while the worker sends it
             log.info("move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
                      instances=len(subset) if subset else None)  # fmt: skip
             return
@@ -607,15 +635,18 @@ class Scheduler:
                 row.study_uid or "", row.uid, self.t.move_timeout_s, subset,
             )  # fmt: skip
         except Unreachable:
+            del self.flights[row.uid]  # nothing was issued: the row stays `queried`
             raise
         except OrthancError as exc:
+            issued(None)
             self._refused(flight, exc)
             return
         except MoveRefused as exc:
+            issued(None)
             self._short(flight, State.MOVING, Decision(Verdict.SHORT, reason=f"move refused: {exc}"))
             return
         flight.job_id = job
-        self.journal.update(row.uid, State.MOVING, job_id=job)
+        issued(job)
         log.info(
             "move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
             instances=len(subset) if subset else None, job=job,
@@ -641,6 +672,8 @@ class Scheduler:
                 future.set_result(JobStatus("Failure", f"no answer to the move: {exc.message}"))
             except BaseException as exc:  # pragma: no cover - surfaced in the main thread
                 future.set_exception(exc)
+            finally:
+                self._returned.put(None)  # wake the loop
 
         self._workers.run(work)
         return future
@@ -702,7 +735,7 @@ class Scheduler:
             if decision.verdict is Verdict.WAIT and self._unreachable_now(flight):
                 decision = Decision(Verdict.SHORT, reason=f"move failed: {flight.job_error}")
             elif decision.verdict is Verdict.WAIT and self._overtaken(flight, now):
-                decision = Decision(Verdict.SHORT, reason="dropped: a later move delivered first", pacs_full=True)
+                decision = Decision(Verdict.SHORT, reason="dropped: a later move arrived whole first", pacs_full=True)
             self._record_job_end(flight)
             if decision.verdict is Verdict.SHORT:
                 self._short(flight, flight.state, decision)
@@ -714,19 +747,23 @@ class Scheduler:
         return RECOUNT_EVERY_S if flight.job_ended_at is None else min(RECOUNT_EVERY_S, self.t.stall_s / 4)
 
     def _overtaken(self, flight: Flight, now: float) -> bool:
-        """Acknowledged, nothing came, and a move issued after it has delivered: dropped.
+        """Acknowledged, nothing came, and a move issued after it is whole: dropped.
 
         PACS serve their move queue in order; waiting `stall_s` after the whole queue went
-        quiet would find the drop only at the end of a busy pipeline.
+        quiet would find the drop only at the end of a busy pipeline. The later move must
+        be *whole* for OVERTAKEN_GRACE_S, not merely delivering: moves sent together may
+        reach the PACS in either order, and one queued behind it starts once it is done.
         """
-        return (
+        if not (
             flight.job_ended_at is not None
             and flight.job_succeeded
             and flight.count <= flight.baseline
-            and self._latest_delivering_issue > flight.issued_at
             and flight.counted_at >= self._last_arrival_at  # our count is not older than theirs
             and now - flight.job_ended_at >= OVERTAKEN_GRACE_S
-        )
+        ):
+            return False
+        later = [at for issued, at in self._completions if issued > flight.issued_at]
+        return bool(later) and now - min(later) >= OVERTAKEN_GRACE_S
 
     @staticmethod
     def _unreachable_now(flight: Flight) -> bool:
@@ -784,7 +821,6 @@ class Scheduler:
         if count > flight.count:
             flight.last_growth_at = self._last_arrival_at = now
             self._moved_ok = True
-            self._latest_delivering_issue = max(self._latest_delivering_issue, flight.issued_at)
         flight.count, flight.counted_at = count, now
 
     def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
@@ -795,6 +831,7 @@ class Scheduler:
             speed = (now - flight.issued_at) / moved
             self._s_per_instance = speed if self._s_per_instance is None else 0.7 * self._s_per_instance + 0.3 * speed
         if flight.issued_here:
+            self._completions.append((flight.issued_at, now))
             took = now - flight.issued_at
             self._s_per_series = took if self._s_per_series is None else 0.7 * self._s_per_series + 0.3 * took
         self.journal.transition(

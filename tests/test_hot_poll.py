@@ -1,13 +1,17 @@
-"""The count schedule near a move's predicted end, and the move workers (no server)."""
+"""The count schedule near a move's predicted end, the move workers, drop detection (no server)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from dicom_transfer.scheduler import HOT_POLL_S, Workers, hot_interval
+from dicom_transfer.config import load_config
+from dicom_transfer.journal import Journal
+from dicom_transfer.orthanc import Destination, LocalOrthanc
+from dicom_transfer.scheduler import HOT_POLL_S, OVERTAKEN_GRACE_S, Flight, Scheduler, Workers, hot_interval
 
 
 def test_not_due_before_the_predicted_end() -> None:
@@ -84,3 +88,37 @@ def test_an_idle_worker_ends_after_idle_s(monkeypatch: pytest.MonkeyPatch) -> No
     again = threading.Event()
     workers.run(again.set)  # a new worker starts
     assert again.wait(5) and workers.started == 2
+
+
+# -- dropped moves: "a later move arrived whole" ---------------------------------------
+
+
+def overtaken_case(tmp_path: Path, completions: list[tuple[float, float]], now: float) -> bool:
+    """Move A issued at t=0, acknowledged at 0.01, nothing delivered; `completions` are
+    (issued_at, complete at) of other moves of the run. Is A judged dropped at `now`?"""
+    cfg = load_config(None, env={})
+    local, dest = LocalOrthanc("http://127.0.0.1:9"), Destination("http://127.0.0.1:9")
+    scheduler = Scheduler(cfg, Journal(tmp_path / "j.sqlite"), local, dest, clock=lambda: now)
+    scheduler._completions.extend(completions)
+    scheduler._last_arrival_at = max((at for _, at in completions), default=0.0)
+    flight = Flight("1.2.3", "1.2", expected=10, attempt=1, issued_at=0.0, baseline=0)
+    flight.job_ended_at, flight.job_succeeded, flight.counted_at = 0.01, True, now
+    return scheduler._overtaken(flight, now)
+
+
+def test_a_move_is_dropped_once_a_later_one_is_whole_for_the_grace(tmp_path: Path) -> None:
+    later_whole_at = 0.4
+    assert not overtaken_case(tmp_path, [(0.001, later_whole_at)], later_whole_at + OVERTAKEN_GRACE_S / 2)
+    assert overtaken_case(tmp_path, [(0.001, later_whole_at)], later_whole_at + OVERTAKEN_GRACE_S)
+
+
+def test_an_earlier_move_arriving_says_nothing_about_ours(tmp_path: Path) -> None:
+    """The PACS serves its queue in order: a move issued before ours may finish first."""
+    assert not overtaken_case(tmp_path, [(-0.001, 0.4)], 10.0)
+
+
+def test_no_move_whole_after_ours_means_no_drop_yet(tmp_path: Path) -> None:
+    """Moves sent together may reach the PACS in either order: one merely delivering (not
+    whole) may be ahead of ours in the PACS's queue, so it proves nothing (the stall rule
+    still applies)."""
+    assert not overtaken_case(tmp_path, [], 10.0)
