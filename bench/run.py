@@ -217,7 +217,7 @@ def instrument() -> Iterator[Timers]:
         time.sleep(s)
         timers.sleeps.append(time.perf_counter() - t)
 
-    names = ("plan", "transition", "update", "record", "get", "rows", "due_retries", "next_retry_at",
+    names = ("plan", "transition", "record", "get", "rows", "due_retries", "next_retry_at",
              "counts", "totals", "iter_rows", "meta", "set_meta", "__init__", "close")  # fmt: skip
     saved = {n: getattr(Journal, n) for n in names}
 

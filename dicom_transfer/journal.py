@@ -220,18 +220,6 @@ class Journal:
             fields = {**fields, "sop_uids": json.dumps(list(fields["sop_uids"]))}
         return fields
 
-    def update(self, uid: str, state: State, **fields: Any) -> None:
-        """Change fields of a row without changing its state (guarded by its state)."""
-        fields = self._columns(fields)
-        sets = ", ".join(f"{k}=?" for k in fields)
-        cur = self.db.execute(
-            f"UPDATE series SET {sets}, updated_at=? WHERE uid=? AND state=?",
-            (*fields.values(), self.clock(), uid, State(state).value),
-        )
-        if cur.rowcount != 1:
-            raise JournalError(f"series {uid}: expected state {State(state).value!r}, row not updated")
-        self.writes += 1
-
     def record(self, event: str, detail: dict[str, Any] | None = None, uid: str | None = None) -> None:
         """A run-level event (throttle change, run start/stop): one row, no state change."""
         self.db.execute(

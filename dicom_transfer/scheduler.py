@@ -476,8 +476,8 @@ class Scheduler:
             return False
         rows = self._next_pending(want)
         if self._first_alone and not self.flights and not self._ready and len(rows) > 1:
-            # The run's first query: asked alone so that the first move starts now; the list
-            # C-FIND for the rest runs while it moves.
+            # Nothing moves and nothing is ready (the run's start): the first series is asked
+            # alone so that its move starts now; the list C-FIND for the rest runs during it.
             self._first_alone = False
             self._pending.extendleft(reversed(rows[1:]))
             rows = rows[:1]

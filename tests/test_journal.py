@@ -228,19 +228,6 @@ def test_full_lifecycle_leaves_an_event_trail(journal: Journal):
     assert row.state is State.COMPLETE and row.verified == "count" and row.received == 50
 
 
-def test_update_is_guarded_and_keeps_state(journal: Journal, path: Path):
-    """update() changes fields only when the row is in the given state, and writes no event."""
-    uid = UIDS[0]
-    events = event_rows(path)
-    journal.update(uid, State.PENDING, study_uid="1.2.3.99")
-    assert journal.get(uid).study_uid == "1.2.3.99"
-    assert journal.get(uid).state is State.PENDING
-    with pytest.raises(JournalError):
-        journal.update(uid, State.MOVING, job_id="nope")
-    assert journal.get(uid).job_id is None
-    assert event_rows(path) == events
-
-
 def test_record_run_level_event(journal: Journal):
     """record() adds one run-level event (no uid, no states) with its detail as JSON."""
     journal.record("throttle", {"from": 4, "to": 2, "why": "A702"})
