@@ -101,6 +101,20 @@ class Unreachable(TransientOrthancError):
     exit_code = 3
 
 
+class Untrusted(Unreachable):
+    """An https party whose TLS certificate this machine does not trust: a setting to fix,
+    not a network hiccup (no retries, exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(None, url, f"its TLS certificate is not trusted here ({reason})")
+        self.args = (
+            f"{url}: TLS certificate not trusted ({reason}): set SSL_CERT_FILE to the CA bundle"
+            " (PEM) that signed it, or fix the URL's host name",
+        )
+
+
 class MoveRefused(DicomTransferError):
     """The source refused or failed a C-MOVE; `status` is the DIMSE status when known."""
 

@@ -14,6 +14,7 @@ import json as _json
 import re
 import select
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -31,7 +32,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .errors import MoveRefused, OrthancError, TransientOrthancError, Unreachable
+from .errors import MoveRefused, OrthancError, TransientOrthancError, Unreachable, Untrusted
 
 log = structlog.get_logger(__name__)
 
@@ -159,6 +160,9 @@ class _Httpx:
                 method, url, content=body, headers=headers, timeout=httpx.Timeout(timeout_s, connect=CONNECT_S)
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            untrusted = _cert_failure(exc)
+            if untrusted is not None:
+                raise Untrusted(url, untrusted.verify_message or str(untrusted)) from exc
             raise _NotDelivered(None, url, f"cannot connect ({exc})") from exc
         except httpx.TimeoutException as exc:
             raise TransientOrthancError(None, url, f"timed out ({type(exc).__name__})") from exc
@@ -169,6 +173,16 @@ class _Httpx:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error under an httpx connect error, if that is what it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _wire(url: str, username: str | None, password: str | None, timeout_s: float) -> _PlainHttp | _Httpx:
@@ -242,6 +256,8 @@ class OrthancRest:
         """Send one request (with retries as allowed) and return its decoded body."""
 
         def retryable(exc: BaseException) -> bool:
+            if isinstance(exc, Untrusted):
+                return False  # a setting to fix: asking again changes nothing
             if isinstance(exc, _NotDelivered):
                 return True
             return idempotent and isinstance(exc, TransientOrthancError)
@@ -256,6 +272,8 @@ class OrthancRest:
             for attempt in retrying:
                 with attempt:
                     return self._once(method, path, json, content, params, timeout_s, raw)
+        except Untrusted:
+            raise
         except TransientOrthancError as exc:
             raise Unreachable(exc.status, exc.url, f"{self.name} did not answer: {exc.message}") from exc
         raise AssertionError("unreachable")  # pragma: no cover

@@ -16,7 +16,7 @@ import structlog
 
 from .batch import BatchRow, read_batch
 from .config import Config
-from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable
+from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable, Untrusted
 from .journal import Journal, file_digest
 from .orthanc import Destination, LocalOrthanc, OrthancRest
 from .report import build_report, write_report
@@ -60,6 +60,8 @@ def check_answers(party: OrthancRest, key: str) -> None:
     """`GET /system` at start: a party that does not answer is exit 2, naming its config key."""
     try:
         party.system()
+    except Untrusted as exc:
+        raise PartyUnreachable(f"{key}: {party.name} at {exc}") from exc
     except Unreachable as exc:
         raise PartyUnreachable(f"{key}: {party.name} at {party.url} does not answer ({exc.message})") from exc
     except OrthancError as exc:
