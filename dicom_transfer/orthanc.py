@@ -228,6 +228,7 @@ class OrthancRest:
         self._wire = _wire(self.url, username, password, timeout_s)
         self._base_path = urllib.parse.urlsplit(self.url).path
         self.calls = 0
+        self._version: tuple[int, ...] | None = None  # from the last `GET /system`
 
     def close(self) -> None:
         self._wire.close()
@@ -346,10 +347,12 @@ class OrthancRest:
         result = self.get("/system")
         if not isinstance(result, dict) or "Version" not in result:
             raise OrthancError(None, f"{self.url}/system", "not an Orthanc server (no Version)")
+        self._version = parse_version(str(result["Version"]))
         return result
 
     def version(self) -> tuple[int, ...]:
-        return parse_version(self.system()["Version"])
+        """The version the last `GET /system` gave (the start-up check asks it): no second call."""
+        return self._version if self._version is not None else parse_version(self.system()["Version"])
 
 
 def parse_version(text: str) -> tuple[int, ...]:
