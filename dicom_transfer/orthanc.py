@@ -661,8 +661,8 @@ class Destination(OrthancRest):
         its PatientID and UIDs (a SHA-1 of the three, so an id that exists is this series).
         The cheapest count differs by version (measured right after a move): Orthanc 1.12
         answers `/series/{id}/statistics` in ~0.6-0.9 ms and `/series/{id}` in 2-2.5 ms;
-        1.10 answers `/series/{id}` (its `Instances` list) 0.1-0.2 ms faster than
-        `/statistics`, which reads every instance's attachments.
+        1.10 answers `/series/{id}` (its `Instances` list) as fast for 10 instances and
+        ~0.08 ms faster for 50 than `/statistics`, which reads every instance's attachments.
         `lookup=False` (a poll while the move runs): when the computed id is not there yet,
         answer 0 without the `/tools/lookup` that would catch a series stored under another
         PatientID; the count after the move looks it up.
