@@ -318,7 +318,6 @@ class SeriesExport:
         self.settings = settings
         self.stop = stop
         self.downloads = 0  # files fetched from Orthanc by this object (tests measure resumes)
-        self._version: tuple[int, ...] | None = None
 
     def run(
         self, uid: str, series_id: str, instance_tags: Mapping[str, Mapping[str, Any]], reuse: bool
@@ -393,9 +392,7 @@ class SeriesExport:
     def _download(self, instance: str) -> bytes:
         if not self.settings.decompress:
             return bytes(self.dest.get(f"/instances/{instance}/file", raw=True))
-        if self._version is None:
-            self._version = self.dest.version()
-        if self._version >= TRANSCODE_PARAM_SINCE:
+        if self.dest.version() >= TRANSCODE_PARAM_SINCE:  # known from the start-up check
             return bytes(self.dest.get(f"/instances/{instance}/file", params={"transcode": EXPLICIT_LE}, raw=True))
         # 1.10/1.11 ignore `?transcode`: instance-level /modify answers the transcoded file
         # without storing it. Keep SOPInstanceUID, else Orthanc gives the copy a new one.

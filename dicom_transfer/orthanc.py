@@ -635,7 +635,6 @@ class Destination(OrthancRest):
         super().__init__(*args, **kw)
         self._series_ids: dict[str, str] = {}
         self._guesses: dict[str, str] = {}
-        self._list_counts: bool | None = None  # count by `GET /series/{id}` (Orthanc < 1.11)
 
     def series_id(self, series_uid: str) -> str | None:
         """Orthanc id of a series by its UID (cached once found)."""
@@ -687,10 +686,8 @@ class Destination(OrthancRest):
 
     def _held(self, sid: str) -> int | None:
         """Instances of the series with this Orthanc id; None when there is no such series."""
-        if self._list_counts is None:
-            self._list_counts = self.version() < (1, 11)
         try:
-            if self._list_counts:
+            if self.version() < (1, 11):  # see count()
                 return len(self.get(f"/series/{sid}")["Instances"])
             return int(self.get(f"/series/{sid}/statistics")["CountInstances"])
         except OrthancError as exc:
