@@ -243,6 +243,7 @@ class Scheduler:
         self._returned: queue.SimpleQueue[None] = queue.SimpleQueue()  # a blocking move returned
         self._pending: deque[SeriesRow] = deque()  # the next `pending` rows, read in chunks
         self._first_alone = True  # the first query of the run asks one series, not a list
+        self._told: list[tuple[Callable[..., Any], str, dict[str, Any]]] = []  # logged once the pass is done
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -263,6 +264,7 @@ class Scheduler:
             result = RunResult(True, f"a party stopped answering: {exc}")
             raise
         finally:
+            self._log_told()
             result.counts = self.journal.counts()
             self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
@@ -288,12 +290,27 @@ class Scheduler:
             if open_now and self._source_up(now):
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
+            self._log_told()
             if not self.flights and self._nothing_left():
                 self._drain_after()
                 break
             if not progressed and not self._after_one():
                 self._idle(open_now)
         return result
+
+    def _tell(self, event: str, warn: bool = False, **fields: Any) -> None:
+        """An info event of the hot path, logged at the end of the loop pass.
+
+        Between the proof of one series and the move of the next, rendering and writing
+        a log line cost ~0.1-0.2 ms each (caches are cold after a move); at the end of
+        the pass the next move is already on its way. Order is kept; nothing is dropped.
+        """
+        self._told.append((log.warning if warn else log.info, event, fields))
+
+    def _log_told(self) -> None:
+        told, self._told = self._told, []
+        for say, event, fields in told:
+            say(event, **fields)
 
     # -- the source unreachable: pause, probe, resume (attempts are not spent) --------
 
@@ -626,8 +643,8 @@ class Scheduler:
         if self.method == BLOCKING:
             flight.future = self._spawn_blocking_move(row.study_uid or "", row.uid, subset)
             issued(None)  # while the worker sends it
-            log.info("move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
-                     instances=len(subset) if subset else None)  # fmt: skip
+            self._tell("move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
+                       instances=len(subset) if subset else None)  # fmt: skip
             return
         try:
             job = self.local.start_move(
@@ -647,7 +664,7 @@ class Scheduler:
             return
         flight.job_id = job
         issued(job)
-        log.info(
+        self._tell(
             "move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
             instances=len(subset) if subset else None, job=job,
         )  # fmt: skip
@@ -801,7 +818,7 @@ class Scheduler:
         flight.job_error, flight.job_dimse = status.error, status.dimse_status
         self._check_a801(status.dimse_status)
         flight.job_detail = status.state + (f": {status.error}" if status.error else "")
-        log.info("move.ended", series=short_uid(flight.uid), job_state=status.state, dimse=status.dimse_status)
+        self._tell("move.ended", series=short_uid(flight.uid), job_state=status.state, dimse=status.dimse_status)
         return True
 
     def _check_a801(self, status: int | None) -> None:
@@ -840,13 +857,13 @@ class Scheduler:
             finished_at=now, seconds=seconds, reason=None, next_attempt_at=None,
         )  # fmt: skip
         del self.flights[flight.uid]
-        log.info(
+        self._tell(
             "series.complete", series=short_uid(flight.uid), received=flight.count,
             expected=flight.expected, attempt=flight.attempt, seconds=round(seconds, 3),
             verified=decision.verified,
         )  # fmt: skip
         if decision.warning:
-            log.warning("series.more_than_expected", series=short_uid(flight.uid), received=flight.count)
+            self._tell("series.more_than_expected", warn=True, series=short_uid(flight.uid), received=flight.count)
         if self.after is not None:
             self.after_queue.append(flight.uid)
         change = self.throttle.completed()
