@@ -232,7 +232,11 @@ class Scheduler:
         self._completions: deque[tuple[float, float]] = deque(maxlen=64)  # (issued_at, complete at)
         self._series_only: set[str] = set()
         self._s_per_series: float | None = None  # measured seconds per complete series (moving average)
-        self.lookahead = Lookahead(local, dest, cfg.source.modality, clock)
+        self._returned: queue.SimpleQueue[None] = queue.SimpleQueue()  # a blocking move or a list returned
+        self._listers = Workers("list")
+        self.lookahead = Lookahead(
+            local, dest, cfg.source.modality, clock, spawn=self._listers.run, wake=lambda: self._returned.put(None)
+        )
         self.down_since: float | None = None  # the source stopped answering (association failures)
         self.probe_at: float | None = None
         self.probe_wait = 1.0  # image-level repair refused or useless: move series
@@ -240,7 +244,6 @@ class Scheduler:
         self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
         self._workers = Workers("move")
-        self._returned: queue.SimpleQueue[None] = queue.SimpleQueue()  # a blocking move returned
         self._pending: deque[SeriesRow] = deque()  # the next `pending` rows, read in chunks
         self._first_alone = True  # the first query of the run asks one series, not a list
         self._told: list[tuple[Callable[..., Any], str, dict[str, Any]]] = []  # logged once the pass is done
@@ -376,7 +379,7 @@ class Scheduler:
             wait = min(future) if future else self.t.poll_s
             wait = max(self.t.poll_s, min(wait, 5.0))  # wake up now and then for signals
             self._report_progress()
-            self.sleep(wait)
+            self._nap(wait)
             return
         hot = self._next_hot_look(now)
         self._report_progress()
@@ -388,7 +391,17 @@ class Scheduler:
             except queue.Empty:
                 pass
             return
-        self.sleep(self.t.poll_s if hot is None else min(self.t.poll_s, hot))
+        self._nap(self.t.poll_s if hot is None else min(self.t.poll_s, hot))
+
+    def _nap(self, seconds: float) -> None:
+        """Sleep; while a list C-FIND runs on a worker, wake up as soon as it is done."""
+        if not self.lookahead.busy():
+            self.sleep(seconds)
+            return
+        try:
+            self._returned.get(timeout=seconds)
+        except queue.Empty:
+            pass
 
     def _predicted_end(self, flight: Flight) -> float:
         """When this move should end, from the rate of the moves before it (slightly early)."""
@@ -491,7 +504,11 @@ class Scheduler:
         want = self.t.lookahead + self.throttle.limit - len(self._ready)
         if want <= 0:
             return False
+        self.lookahead.collect()
         rows = self._next_pending(want)
+        if self.lookahead.waits_for(rows):  # their list C-FIND is on its way
+            self._pending.extendleft(reversed(rows))
+            return False
         if self._first_alone and not self.flights and not self._ready and len(rows) > 1:
             # Nothing moves and nothing is ready (the run's start): the first series is asked
             # alone so that its move starts now; the list C-FIND for the rest runs during it.
@@ -503,6 +520,9 @@ class Scheduler:
         if self.lookahead.wants(rows):
             size = self.lookahead.size(self._s_per_series, self.throttle.limit)
             self.lookahead.ask(self.journal.rows(State.PENDING, limit=size))
+            if self.lookahead.waits_for(rows):
+                self._pending.extendleft(reversed(rows))
+                return False
         for row in rows:
             known = self.lookahead.take(row.uid)
             if known is not None:

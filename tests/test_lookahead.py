@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dicom_transfer.errors import OrthancError
+from dicom_transfer.errors import OrthancError, Unreachable
 from dicom_transfer.journal import SeriesRow
 from dicom_transfer.lookahead import LIST_MAX, LIST_MAX_AGE_S, Lookahead
 from dicom_transfer.orthanc import SeriesAnswer
@@ -155,3 +155,59 @@ def test_a_batch_count_cut_short_leaves_absent_ones_to_be_counted() -> None:
     first, second = la.take(rows[0].uid), la.take(rows[1].uid)
     assert first is not None and (first.have, first.checked) == (7, True)
     assert second is not None and (second.have, second.checked) == (None, True)
+
+
+class Later:
+    """A worker that runs its job only when told to, and counts the wake-ups."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Any] = []
+        self.woken = 0
+
+    def spawn(self, job: Any) -> None:
+        self.jobs.append(job)
+
+    def wake(self) -> None:
+        self.woken += 1
+
+    def finish(self) -> None:
+        self.jobs.pop(0)()
+
+
+def test_a_list_runs_on_a_worker_and_is_merged_by_the_caller() -> None:
+    rows = [row(i) for i in range(4)]
+    later = Later()
+    la = Lookahead(Source({r.uid for r in rows}), Dest({rows[1].uid: 4}), "PACS", Clock(), later.spawn, later.wake)  # type: ignore[arg-type]
+    la.ask(rows)
+    assert la.busy() and la.waits_for(rows[:1]) and not la.wants(rows)
+    assert not la.waits_for([row(9)])  # a row outside the list is not held up
+    la.collect()  # not done yet: nothing merged
+    assert la.take(rows[0].uid) is None and la.busy()
+    later.finish()
+    assert later.woken == 1
+    la.collect()
+    assert not la.busy() and not la.waits_for(rows)
+    known = la.take(rows[1].uid)
+    assert known is not None and known.have == 4
+
+
+def test_what_the_worker_raised_is_raised_by_collect() -> None:
+    later = Later()
+    error = Unreachable(None, "http://x", "local Orthanc did not answer")
+    la = Lookahead(Source(error), Dest(), "PACS", Clock(), later.spawn, later.wake)  # type: ignore[arg-type]
+    la.ask([row(0), row(1)])
+    later.finish()
+    with pytest.raises(Unreachable):
+        la.collect()
+    assert not la.busy() and later.woken == 1
+
+
+def test_a_refusal_on_the_worker_turns_lists_off_once_merged() -> None:
+    later = Later()
+    rows = [row(0), row(1), row(2)]
+    la = Lookahead(Source(refused("0xC320")), Dest(), "PACS", Clock(), later.spawn, later.wake)  # type: ignore[arg-type]
+    la.ask(rows)
+    assert la.enabled
+    later.finish()
+    la.collect()
+    assert not la.enabled and not la.waits_for(rows) and la.take(rows[0].uid) is None
