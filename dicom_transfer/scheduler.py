@@ -682,7 +682,9 @@ class Scheduler:
             issued(None)
             self._short(flight, State.MOVING, Decision(Verdict.SHORT, reason=f"move refused: {exc}"))
             return
-        flight.job_id = job
+        # Its status is asked after poll_s, not at once: a job just created is running, and
+        # the GET would land on the local Orthanc as it starts the move (~0.5 ms a series).
+        flight.job_id, flight.job_asked_at = job, self.clock()
         issued(job)
         self._tell(
             "move.issued", series=short_uid(row.uid), attempt=attempt, expected=row.expected,
