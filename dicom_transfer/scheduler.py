@@ -255,6 +255,7 @@ class Scheduler:
         if self.method == "auto":
             self.method = choose_move_method(self.local.version())
         self.change_mark = self.dest.last_change()
+        self.journal.defer_checkpoints()
         self.journal.record("run.start", {"method": self.method, "limit": self.throttle.limit})
         log.info("run.start", method=self.method, max_in_flight=self.t.max_in_flight)
         self._reclaim()
@@ -294,6 +295,7 @@ class Scheduler:
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
             self._log_told()
+            self.journal.checkpoint()  # now that the next move is out
             if not self.flights and self._nothing_left():
                 self._drain_after()
                 break

@@ -421,3 +421,25 @@ def test_readonly_after_writer_closed(path: Path, tmp_path: Path):
         assert reader.get(UIDS[0]).state is State.MOVING
     finally:
         reader.close()
+
+
+def _wal_bytes_after(tmp_path: Path, name: str, transitions: int, run_checkpoints: bool) -> int:
+    j = Journal(tmp_path / name)
+    j.plan([(f"1.2.3.{i}", "1.2", "P", i + 1) for i in range(transitions)], tmp_path / "b.csv")
+    j.defer_checkpoints()
+    for i in range(transitions):
+        j.transition(f"1.2.3.{i}", State.PENDING, Event.QUERIED, "x" * 200, expected=10)
+        if run_checkpoints:
+            j.checkpoint()
+    size = (tmp_path / f"{name}-wal").stat().st_size
+    j.close()
+    return size
+
+
+def test_deferred_checkpoints_leave_the_wal_to_the_owner(tmp_path: Path) -> None:
+    """Deferred, commits never checkpoint: the WAL grows far past the ~1000 pages where
+    SQLite's own checkpoints hold it (1500 such transitions: ~8000 pages here). The owner's
+    `checkpoint()` every CHECKPOINT_EVERY writes keeps it under that (~600; pages reused)."""
+    page = 4096
+    assert _wal_bytes_after(tmp_path, "left.sqlite", 1500, run_checkpoints=False) > 2000 * page
+    assert _wal_bytes_after(tmp_path, "owned.sqlite", 1500, run_checkpoints=True) < 1000 * page
