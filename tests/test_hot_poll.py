@@ -11,7 +11,15 @@ import pytest
 from dicom_transfer.config import load_config
 from dicom_transfer.journal import Journal
 from dicom_transfer.orthanc import Destination, LocalOrthanc
-from dicom_transfer.scheduler import HOT_POLL_S, OVERTAKEN_GRACE_S, Flight, Scheduler, Workers, hot_interval
+from dicom_transfer.scheduler import (
+    HOT_POLL_S,
+    OVERTAKEN_GRACE_S,
+    Flight,
+    Scheduler,
+    Workers,
+    hot_interval,
+    predicted_end,
+)
 
 
 def test_not_due_before_the_predicted_end() -> None:
@@ -45,6 +53,40 @@ def test_counts_in_a_slow_second_stay_few() -> None:
 
 
 # -- Workers: the threads that run blocking moves ------------------------------------------
+
+
+def flight(expected: int | None = 50, baseline: int = 0) -> Flight:
+    return Flight("1.2.3", "1.2", expected, 1, issued_at=100.0, baseline=baseline)
+
+
+def test_before_anything_arrives_the_end_comes_from_the_whole_move_pace() -> None:
+    assert predicted_end(flight(), None, None) == pytest.approx(100.02)  # nothing measured yet
+    assert predicted_end(flight(), 0.002, 0.001) == pytest.approx(100.0 + 0.85 * 50 * 0.002)
+    assert predicted_end(flight(baseline=20), 0.002, None) == pytest.approx(100.0 + 0.85 * 30 * 0.002)
+
+
+def test_once_it_delivers_the_end_comes_from_what_is_left_at_the_arrival_pace() -> None:
+    f = flight()
+    f.last_growth = (100.040, 41)
+    assert predicted_end(f, 0.002, 0.001) == pytest.approx(100.040 + 0.85 * 9 * 0.001)
+    f.last_growth = (100.049, 49)
+    assert predicted_end(f, 0.002, 0.001) == pytest.approx(100.049 + 0.85 * 1 * 0.001)
+    assert predicted_end(f, 0.002, None) == pytest.approx(100.0 + 0.85 * 50 * 0.002)  # no arrival pace yet
+
+
+def test_a_count_without_growth_leaves_the_end_where_it_was_so_a_stall_backs_off() -> None:
+    f = flight()
+    f.last_growth = (100.040, 41)
+    end = predicted_end(f, 0.002, 0.001)
+    f.count, f.counted_at = 41, 101.0  # counted again, nothing more came
+    assert predicted_end(f, 0.002, 0.001) == end
+    assert hot_interval(101.0 - end, 0.05) == 0.05  # a second late: every poll_s, not every 2 ms
+
+
+def test_an_unknown_expected_count_keeps_the_issue_based_end() -> None:
+    f = flight(expected=None)
+    f.last_growth = (100.040, 41)
+    assert predicted_end(f, 0.002, 0.001) == pytest.approx(100.0 + 0.85 * 1 * 0.002)
 
 
 def test_an_idle_worker_takes_the_next_call_and_a_busy_one_gets_company() -> None:
