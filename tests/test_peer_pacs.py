@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -409,3 +410,26 @@ def test_cli_survives_pacs_without_uid_lists(same: Stack, badpacs: StartPacs, tm
     res = run_cli("--batch", batch, "--config", config, "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["complete"] == 2
+
+
+def test_a_slow_list_c_find_does_not_hold_up_the_proof(same: Stack, badpacs: StartPacs, tmp_path: Path) -> None:
+    """A list C-FIND runs on a worker thread: a move that ends while a slow PACS (2 s per
+    list C-FIND) answers it is proven and recorded then, not after the list returns."""
+    delay = 2.0
+    series = small(6, 4, seed=66)
+    pacs = badpacs(series, list_find_delay_s=delay)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    config = write_config(tmp_path / "t.yaml", same)
+    wall_minus_monotonic = time.time() - time.monotonic()  # the PACS logs monotonic, the journal wall time
+    res = run_cli("--batch", batch, "--config", config, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["complete"] == 6
+    lists = [at + wall_minus_monotonic for at, event, _ in pacs.log if event == "list-find"]
+    assert len(lists) == 1  # the first series asked alone, the other five in one list
+    db = sqlite3.connect(tmp_path / "series.journal.sqlite")
+    try:
+        done = [at for (at,) in db.execute("SELECT at FROM events WHERE to_state='complete' ORDER BY at")]
+    finally:
+        db.close()
+    during = [at for at in done if lists[0] < at < lists[0] + delay - 0.2]
+    assert len(during) == 1, (lists, done)  # the first series, complete while its successors were asked

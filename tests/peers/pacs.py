@@ -31,6 +31,8 @@ the server runs (`pacs.configure(refuse_every=2)` or `pacs.hang = False`):
 - `hang`: a C-MOVE is neither answered nor served while `hang` is true; it proceeds when
   `hang` is cleared, and is aborted when the requestor gives up or the PACS stops.
 - `store_delay_s`: sleep before each C-STORE.
+- `list_find_delay_s`: sleep before answering a C-FIND whose identifier holds a list of
+  SeriesInstanceUIDs (a slow PACS, or one far away over a VPN).
 - `refuse_image_find` (status `refuse_image_find_status`, default 0xC000), `omit_counts`
   (NumberOf*Related* returned empty), `hierarchical` (a query without the unique keys of
   the levels above is refused 0xC000, as DCMTK's dcmqrscp does), `uid_lists=False` (a
@@ -130,8 +132,8 @@ _NUMERIC_VRS = frozenset({"IS", "DS", "US", "UL", "SS", "SL", "FL", "FD"})
 _FAULTS = frozenset(
     {
         "async_mode", "queue_size", "partial_first", "partial_warning", "refuse_every", "refuse_status",
-        "abort_after", "abort_always", "hang", "store_delay_s", "refuse_image_move", "refuse_image_find",
-        "refuse_image_find_status", "omit_counts", "hierarchical", "uid_lists", "paused",
+        "abort_after", "abort_always", "hang", "store_delay_s", "list_find_delay_s", "refuse_image_move",
+        "refuse_image_find", "refuse_image_find_status", "omit_counts", "hierarchical", "uid_lists", "paused",
     }
 )  # fmt: skip
 
@@ -296,6 +298,7 @@ class MisbehavingPacs:
         abort_always: bool = False,
         hang: bool = False,
         store_delay_s: float = 0.0,
+        list_find_delay_s: float = 0.0,
         refuse_image_move: bool = False,
         refuse_image_find: bool = False,
         refuse_image_find_status: int = UNABLE_TO_PROCESS,
@@ -321,6 +324,7 @@ class MisbehavingPacs:
         self.abort_always = abort_always
         self.hang = hang
         self.store_delay_s = store_delay_s
+        self.list_find_delay_s = list_find_delay_s
         self.refuse_image_move = refuse_image_move
         self.refuse_image_find = refuse_image_find
         self.refuse_image_find_status = refuse_image_find_status
@@ -681,6 +685,9 @@ class MisbehavingPacs:
             with self._lock:
                 self.find_requests += 1
             self._note("find", [str(identifier.get("SeriesInstanceUID", "") or "")])
+            if self.list_find_delay_s and len(_values(identifier.get("SeriesInstanceUID", ""))) > 1:
+                self._note("list-find")
+                self._stopping.wait(self.list_find_delay_s)
             if level == "IMAGE" and self.refuse_image_find:
                 yield self.refuse_image_find_status, None
                 return
