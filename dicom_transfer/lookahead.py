@@ -76,6 +76,7 @@ class Lookahead:
         self._asked: set[str] = set()  # pending series already in a list C-FIND
         self._running: Future[list[_Fetched]] | None = None  # the list on a worker
         self._in_list: set[str] = set()  # the series it asks
+        self.drained = False  # a list found no pending series left to ask: no more asking early
 
     def wants(self, rows: list[SeriesRow]) -> bool:
         """Whether a list C-FIND should run before these rows are queried."""
@@ -84,6 +85,18 @@ class Lookahead:
     def busy(self) -> bool:
         """A list is on a worker (finished or not) and not merged yet."""
         return self._running is not None
+
+    def low(self, size: int) -> bool:
+        """Half a list's answers or fewer left in hand and none running: time to ask the next.
+
+        Asked while the answers in hand are moved, a list from a PACS that takes seconds to
+        answer it is back before they run out, and the moves never wait for it.
+        """
+        return self.enabled and not self.drained and self._running is None and len(self._known) <= size // 2
+
+    def held(self) -> int:
+        """Series asked and not taken yet (answered, or in the running list)."""
+        return len(self._asked) + len(self._in_list)
 
     def waits_for(self, rows: list[SeriesRow]) -> bool:
         """Whether some of these rows are in the list still running (so wait, do not ask alone)."""
@@ -107,7 +120,10 @@ class Lookahead:
         rows = [r for r in rows if r.uid not in self._asked]
         # A hierarchical PACS needs the study key: rows with and without it are asked apart.
         groups = [g for g in ([r for r in rows if r.study_uid], [r for r in rows if not r.study_uid]) if len(g) >= 2]
-        if not groups or self._running is not None:
+        if self._running is not None:
+            return
+        if not groups:
+            self.drained = True
             return
         running: Future[list[_Fetched]] = Future()
         self._running, self._in_list = running, {r.uid for g in groups for r in g}

@@ -552,6 +552,9 @@ class Scheduler:
                 self._use_answer(row, known.answer, known.have, listed=known.checked)
             else:
                 self._query(row)  # not in a list answer (or too old): one C-FIND decides
+        size = self.lookahead.size(self._s_per_series, self.throttle.limit)
+        if rows and self.lookahead.low(size):  # the next list, while the answers in hand are moved
+            self.lookahead.ask(self.journal.rows(State.PENDING, limit=self.lookahead.held() + size))
         return bool(rows)
 
     def _next_pending(self, want: int) -> list[SeriesRow]:

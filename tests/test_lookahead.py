@@ -211,3 +211,26 @@ def test_a_refusal_on_the_worker_turns_lists_off_once_merged() -> None:
     later.finish()
     la.collect()
     assert not la.enabled and not la.waits_for(rows) and la.take(rows[0].uid) is None
+
+
+def test_the_next_list_is_due_when_half_the_answers_are_left() -> None:
+    rows = [row(i) for i in range(8)]
+    la, _ = make(Source({r.uid for r in rows}, {r.uid for r in rows}))
+    assert la.low(8)  # nothing in hand
+    la.ask(rows[:4])
+    assert la.held() == 4 and not la.low(4)
+    la.take(rows[0].uid)
+    assert not la.low(4)  # 3 of 4 left
+    la.take(rows[1].uid)
+    assert la.low(4)  # 2 of 4 left: ask the next while these are moved
+    la.ask(rows[2:])  # the pending ones: the two still held are not asked again
+    assert la.held() == 6 and not la.low(4)
+
+
+def test_no_asking_early_once_nothing_is_left_to_ask() -> None:
+    rows = [row(i) for i in range(2)]
+    la, _ = make(Source({r.uid for r in rows}))
+    la.ask(rows)
+    la.take(rows[0].uid)
+    la.ask(rows[1:])  # all pending series asked already
+    assert la.drained and not la.low(50)
