@@ -412,26 +412,33 @@ def test_cli_survives_pacs_without_uid_lists(same: Stack, badpacs: StartPacs, tm
     assert json.loads(res.stdout)["complete"] == 2
 
 
-def test_a_slow_list_c_find_does_not_hold_up_the_proof(same: Stack, badpacs: StartPacs, tmp_path: Path) -> None:
-    """A list C-FIND runs on a worker thread: a move that ends while a slow PACS (2 s per
-    list C-FIND) answers it is proven and recorded then, not after the list returns."""
-    delay = 2.0
-    series = small(6, 4, seed=66)
+def run_with_slow_lists(
+    same: Stack, badpacs: StartPacs, tmp_path: Path, series: list[SyntheticSeries], delay: float
+) -> tuple[list[float], list[float]]:
+    """The CLI against a PACS taking `delay` s per list C-FIND: when each list C-FIND came
+    (wall clock) and when each series was recorded complete (the journal's events)."""
     pacs = badpacs(series, list_find_delay_s=delay)
     batch = write_batch_csv(series, tmp_path / "series.csv")
     config = write_config(tmp_path / "t.yaml", same)
     wall_minus_monotonic = time.time() - time.monotonic()  # the PACS logs monotonic, the journal wall time
     res = run_cli("--batch", batch, "--config", config, "--json")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["complete"] == 6
+    assert json.loads(res.stdout)["complete"] == len(series)
     lists = [at + wall_minus_monotonic for at, event, _ in pacs.log if event == "list-find"]
-    assert len(lists) == 1  # the first series asked alone, the other five in one list
     db = sqlite3.connect(tmp_path / "series.journal.sqlite")
     try:
         done = [at for (at,) in db.execute("SELECT at FROM events WHERE to_state='complete' ORDER BY at")]
     finally:
         db.close()
-    during = [at for at in done if lists[0] < at < lists[0] + delay - 0.2]
+    return lists, done
+
+
+def test_a_slow_list_c_find_does_not_hold_up_the_proof(same: Stack, badpacs: StartPacs, tmp_path: Path) -> None:
+    """A list C-FIND runs on a worker thread: a move that ends while a slow PACS (2 s per
+    list C-FIND) answers it is proven and recorded then, not after the list returns."""
+    lists, done = run_with_slow_lists(same, badpacs, tmp_path, small(6, 4, seed=66), delay=2.0)
+    assert len(lists) == 1  # the first series asked alone, the other five in one list
+    during = [at for at in done if lists[0] < at < lists[0] + 2.0 - 0.2]
     assert len(during) == 1, (lists, done)  # the first series, complete while its successors were asked
 
 
@@ -440,22 +447,8 @@ def test_the_next_list_is_asked_while_the_answers_in_hand_are_moved(
 ) -> None:
     """With more series than one list (50) and a PACS taking 1.5 s per list C-FIND, the second
     list is asked while half of the first list's series are still to move: moves go on during it."""
-    delay = 1.5
-    series = small(70, 1, seed=67)
-    pacs = badpacs(series, list_find_delay_s=delay)
-    batch = write_batch_csv(series, tmp_path / "series.csv")
-    config = write_config(tmp_path / "t.yaml", same)
-    wall_minus_monotonic = time.time() - time.monotonic()
-    res = run_cli("--batch", batch, "--config", config, "--json")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["complete"] == 70
-    lists = [at + wall_minus_monotonic for at, event, _ in pacs.log if event == "list-find"]
+    lists, done = run_with_slow_lists(same, badpacs, tmp_path, small(70, 1, seed=67), delay=1.5)
     assert len(lists) == 2, lists  # the first series alone, then 50, then the last 19
-    db = sqlite3.connect(tmp_path / "series.journal.sqlite")
-    try:
-        done = [at for (at,) in db.execute("SELECT at FROM events WHERE to_state='complete' ORDER BY at")]
-    finally:
-        db.close()
-    during_second = [at for at in done if lists[1] < at < lists[1] + delay - 0.1]
+    during_second = [at for at in done if lists[1] < at < lists[1] + 1.5 - 0.1]
     # Asked only when the answers ran out, at most the 2-3 series already queried would move meanwhile.
     assert len(during_second) >= 8, (lists, done)
