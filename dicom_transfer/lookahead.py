@@ -117,11 +117,11 @@ class Lookahead:
 
     def ask(self, rows: list[SeriesRow]) -> None:
         """Start one SERIES-level C-FIND (and one destination count) for the rows not asked yet."""
+        if self._running is not None:
+            return
         rows = [r for r in rows if r.uid not in self._asked]
         # A hierarchical PACS needs the study key: rows with and without it are asked apart.
         groups = [g for g in ([r for r in rows if r.study_uid], [r for r in rows if not r.study_uid]) if len(g) >= 2]
-        if self._running is not None:
-            return
         if not groups:
             self.drained = True
             return

@@ -540,8 +540,8 @@ class Scheduler:
             rows = rows[:1]
             self._query(rows[0])
             return True
+        size = self.lookahead.size(self._s_per_series, self.throttle.limit)
         if self.lookahead.wants(rows):
-            size = self.lookahead.size(self._s_per_series, self.throttle.limit)
             self.lookahead.ask(self.journal.rows(State.PENDING, limit=size))
             if self.lookahead.waits_for(rows):
                 self._pending.extendleft(reversed(rows))
@@ -552,7 +552,6 @@ class Scheduler:
                 self._use_answer(row, known.answer, known.have, listed=known.checked)
             else:
                 self._query(row)  # not in a list answer (or too old): one C-FIND decides
-        size = self.lookahead.size(self._s_per_series, self.throttle.limit)
         if rows and self.lookahead.low(size):  # the next list, while the answers in hand are moved
             self.lookahead.ask(self.journal.rows(State.PENDING, limit=self.lookahead.held() + size))
         return bool(rows)
