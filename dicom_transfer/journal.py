@@ -7,6 +7,7 @@ an error. WAL mode lets `status` read while a run writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -108,6 +109,19 @@ class SeriesRow:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One transition, checked against the table, waiting to be written."""
+
+    uid: str
+    state: State
+    event: Event
+    new: State
+    detail: str | None
+    fields: dict[str, Any]
+    at: float
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file, streamed (to tell whether a journal belongs to this batch)."""
     h = hashlib.sha256()
@@ -123,7 +137,8 @@ class Journal:
     def __init__(self, path: Path, *, clock: Any = time.time, readonly: bool = False) -> None:
         self.path = Path(path)
         self.clock = clock
-        self.writes = 0
+        self.writes = 0  # transactions written
+        self._deferred: list[_Step] = []
         self._checkpointed_at: int | None = None  # writes at the last checkpoint; None: SQLite's own
         if readonly:
             if not self.path.exists():
@@ -144,7 +159,10 @@ class Journal:
             raise JournalError(f"{self.path}: not a dicom-transfer journal ({exc})") from exc
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.flush()
+        finally:
+            self.db.close()
 
     def defer_checkpoints(self) -> None:
         """Checkpoint only when `checkpoint()` is called, not inside a commit.
@@ -205,29 +223,48 @@ class Journal:
 
     # -- transitions ------------------------------------------------------------------
 
-    def transition(self, uid: str, state: State, event: Event, detail: str | None = None, **fields: Any) -> State:
+    def transition(
+        self, uid: str, state: State, event: Event, detail: str | None = None, *, defer: bool = False, **fields: Any
+    ) -> State:
         """Move one series from `state` by `event`, setting `fields`, in one transaction.
 
         Raises IllegalTransition for a pair outside the table and JournalError when the
-        row is not in `state` any more.
+        row is not in `state` any more. `defer=True` queues the transition, stamped now:
+        it is written in the transaction of the journal's next write, before that write,
+        or by `flush()`. The scheduler defers a series' `complete` so that the record of
+        a proof already made goes out with the next series' `issued`, after its move is
+        sent (one transaction instead of two between moves). Until then a crash leaves
+        the series `moving` or `verifying`, which the next run counts and closes.
         """
         new = next_state(state, event)
-        now = self.clock()
-        fields = self._columns(fields)
-        sets = "".join(f", {k}=?" for k in fields)
+        step = _Step(uid, State(state), Event(event), new, detail, self._columns(fields), self.clock())
+        if defer:
+            self._deferred.append(step)
+            return new
         with self._tx():
-            cur = self.db.execute(
-                f"UPDATE series SET state=?, updated_at=?{sets} WHERE uid=? AND state=?",
-                (new.value, now, *fields.values(), uid, State(state).value),
-            )
-            if cur.rowcount != 1:
-                raise JournalError(f"series {uid}: expected state {State(state).value!r}, row not updated")
-            self.db.execute(
-                "INSERT INTO events (at, uid, event, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                (now, uid, Event(event).value, State(state).value, new.value, detail),
-            )
+            self._apply(step)
         self.writes += 1
         return new
+
+    def flush(self) -> None:
+        """Write the deferred transitions now (see `transition`)."""
+        if self._deferred:
+            with self._tx():
+                pass
+            self.writes += 1
+
+    def _apply(self, step: _Step) -> None:
+        sets = "".join(f", {k}=?" for k in step.fields)
+        cur = self.db.execute(
+            f"UPDATE series SET state=?, updated_at=?{sets} WHERE uid=? AND state=?",
+            (step.new.value, step.at, *step.fields.values(), step.uid, step.state.value),
+        )
+        if cur.rowcount != 1:
+            raise JournalError(f"series {step.uid}: expected state {step.state.value!r}, row not updated")
+        self.db.execute(
+            "INSERT INTO events (at, uid, event, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (step.at, step.uid, step.event.value, step.state.value, step.new.value, step.detail),
+        )
 
     @staticmethod
     def _columns(fields: dict[str, Any]) -> dict[str, Any]:
@@ -241,10 +278,11 @@ class Journal:
 
     def record(self, event: str, detail: dict[str, Any] | None = None, uid: str | None = None) -> None:
         """A run-level event (throttle change, run start/stop): one row, no state change."""
-        self.db.execute(
-            "INSERT INTO events (at, uid, event, detail) VALUES (?, ?, ?, ?)",
-            (self.clock(), uid, event, json.dumps(detail) if detail else None),
-        )
+        with self._tx():  # after any deferred transition
+            self.db.execute(
+                "INSERT INTO events (at, uid, event, detail) VALUES (?, ?, ?, ?)",
+                (self.clock(), uid, event, json.dumps(detail) if detail else None),
+            )
         self.writes += 1
 
     # -- reading ----------------------------------------------------------------------
@@ -320,18 +358,19 @@ class Journal:
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self.db)
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE, the deferred transitions, the caller's writes, COMMIT; ROLLBACK on any error.
 
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (autocommit connection)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
+        The deferred transitions stay queued until a COMMIT has written them.
+        """
         self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        try:
+            for step in self._deferred:
+                self._apply(step)
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        self._deferred.clear()

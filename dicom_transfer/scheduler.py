@@ -293,6 +293,7 @@ class Scheduler:
             result = RunResult(True, f"a party stopped answering: {exc}")
             raise
         finally:
+            self.journal.flush()  # proofs made in the last pass
             self._log_told()
             result.counts = self.journal.counts()
             self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
@@ -319,6 +320,7 @@ class Scheduler:
             if open_now and self._source_up(now):
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
+            self.journal.flush()  # proofs no next move carried (the last one, a closed window)
             self._log_told()
             self.journal.checkpoint()  # now that the next move is out
             if not self.flights and self._nothing_left():
@@ -905,8 +907,10 @@ class Scheduler:
             self._completions.append((flight.issued_at, now))
             took = now - flight.issued_at
             self._s_per_series = moving_average(self._s_per_series, took)
+        # Proven now; written with the next series' `issued`, once its move is sent (or at
+        # the end of this pass): one transaction between two moves instead of two.
         self.journal.transition(
-            flight.uid, state, Event.ARRIVED, f"count={flight.count}",
+            flight.uid, state, Event.ARRIVED, f"count={flight.count}", defer=True,
             received=flight.count, verified=decision.verified, warning=decision.warning,
             finished_at=now, seconds=seconds, reason=None, next_attempt_at=None,
         )  # fmt: skip

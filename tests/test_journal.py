@@ -237,6 +237,72 @@ def test_record_run_level_event(journal: Journal):
     assert json.loads(latest["detail"]) == {"from": 4, "to": 2, "why": "A702"}
 
 
+def test_deferred_transition_rides_with_the_next_write(journal: Journal, path: Path, clock: FakeClock):
+    """A deferred transition is invisible until the next write, then committed with it, first, stamped when deferred."""
+    done, nxt = UIDS[0], UIDS[1]
+    to_moving(journal, done)
+    journal.transition(nxt, State.PENDING, Event.QUERIED, expected=50)
+    events, writes = event_rows(path), journal.writes
+    new = journal.transition(done, State.MOVING, Event.ARRIVED, defer=True, received=50, verified="count")
+    proven_at = clock.now
+    assert new is State.COMPLETE
+    assert event_rows(path) == events and journal.writes == writes  # nothing written yet
+    with sqlite3.connect(path) as db:  # another reader: still moving
+        assert db.execute("SELECT state FROM series WHERE uid=?", (done,)).fetchone() == ("moving",)
+    journal.transition(nxt, State.QUERIED, Event.ISSUED, attempts=1)
+    assert journal.writes == writes + 1  # one transaction for both
+    assert event_rows(path)[len(events) :] == [
+        (done, "arrived", "moving", "complete", None),
+        (nxt, "issued", "queried", "moving", None),
+    ]
+    assert journal.get(done).updated_at == proven_at
+    assert journal.events(done, limit=1)[0]["at"] == proven_at < journal.events(nxt, limit=1)[0]["at"]
+    journal.flush()
+    assert journal.writes == writes + 1  # nothing left to write
+
+
+def test_deferred_transition_survives_a_failed_write(journal: Journal, path: Path):
+    """When the write that carries it fails, the deferred transition is rolled back with it, kept, and flushed later."""
+    done = UIDS[0]
+    to_moving(journal, done)
+    journal.transition(done, State.MOVING, Event.ARRIVED, defer=True, received=50, verified="count")
+    events = event_rows(path)
+    with pytest.raises(JournalError):  # UIDS[1] is pending, not queried
+        journal.transition(UIDS[1], State.QUERIED, Event.ISSUED, attempts=1)
+    assert event_rows(path) == events and journal.get(done).state is State.MOVING
+    journal.flush()
+    assert journal.get(done).state is State.COMPLETE
+    assert event_rows(path)[len(events) :] == [(done, "arrived", "moving", "complete", None)]
+
+
+@pytest.mark.parametrize("how", ["record", "close"])
+def test_deferred_transition_written_by_record_and_close(path: Path, clock: FakeClock, tmp_path: Path, how: str):
+    """A run-level event is written after a deferred transition; closing the journal writes what is left."""
+    j = Journal(path, clock=clock)
+    j.plan(batch_rows(), tmp_path / "series.csv")
+    to_moving(j, UIDS[0])
+    j.transition(UIDS[0], State.MOVING, Event.ARRIVED, defer=True, received=50, verified="count")
+    if how == "record":
+        j.record("run.stop", {"stopped": False})
+    j.close()
+    assert [e[:2] for e in event_rows(path)[-2:]] == (
+        [(UIDS[0], "arrived"), (None, "run.stop")] if how == "record" else [(UIDS[0], "issued"), (UIDS[0], "arrived")]
+    )
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT state FROM series WHERE uid=?", (UIDS[0],)).fetchone() == ("complete",)
+
+
+def test_deferred_transition_checked_when_deferred(journal: Journal, path: Path):
+    """An illegal pair or a bad column is refused at once, not at the next write."""
+    with pytest.raises(IllegalTransition):
+        journal.transition(UIDS[0], State.PENDING, Event.ARRIVED, defer=True)
+    with pytest.raises(ValueError):
+        journal.transition(UIDS[0], State.PENDING, Event.QUERIED, defer=True, nonsense=1)
+    events = event_rows(path)
+    journal.flush()
+    assert event_rows(path) == events
+
+
 # -- reading --------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_transfer import series_count, setup_batch, write_config
+from test_transfer import assert_each_proven_before_the_next, series_count, setup_batch, write_config
 
 from dicom_transfer.synthetic import instance_bytes
 
@@ -30,6 +30,7 @@ def test_move_job_path(new, tmp_path: Path) -> None:
     assert {m for (m,) in db.execute("SELECT move_method FROM series")} == {"move-job"}
     jobs = [new.centre.rest.get(f"/jobs/{j}") for (j,) in db.execute("SELECT job_id FROM series")]
     assert {j["Type"] for j in jobs} == {"DicomMoveScu"}
+    assert_each_proven_before_the_next(db, 4)
     for s in series:
         assert series_count(new.centre, s.series_uid) == 8
 

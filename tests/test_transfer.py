@@ -6,6 +6,7 @@ import json
 import signal
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,17 @@ def write_config(path: Path, stack: Stack, **transfer: object) -> Path:
 
 def series_count(stack_member, series_uid: str) -> int:
     return count_at(stack_member.rest, series_uid)
+
+
+def assert_each_proven_before_the_next(db: sqlite3.Connection, n: int) -> None:
+    """In-flight 1: each series' proof (finished_at) precedes the next move (issued_at), and its
+    `arrived` event is written no later than the next `issued` (same transaction or before)."""
+    rows = db.execute("SELECT uid, issued_at, finished_at FROM series ORDER BY issued_at").fetchall()
+    assert len(rows) == n and all(r[1] is not None and r[2] is not None for r in rows), rows
+    ids = {(u, e): i for i, u, e in db.execute("SELECT id, uid, event FROM events WHERE uid IS NOT NULL")}
+    for (prev, _, proven_at), (nxt, issued_at, _) in zip(rows, rows[1:], strict=False):
+        assert proven_at <= issued_at, (prev, nxt)
+        assert ids[(prev, "arrived")] < ids[(nxt, "issued")], (prev, nxt)
 
 
 def jobs_count(stack: Stack) -> int:
@@ -78,6 +90,7 @@ def test_each_1_10_move_path(same: Stack, tmp_path: Path, method: str) -> None:
     assert {m for (m,) in db.execute("SELECT move_method FROM series")} == {method}
     issued = [d for (d,) in db.execute("SELECT detail FROM events WHERE event='issued' ORDER BY id")]
     assert issued == ["attempt=1", "attempt=1", "attempt=1 instances=5"]
+    assert_each_proven_before_the_next(db, 3)
     assert all(series_count(same.centre, s.series_uid) == 7 for s in series)
 
 
@@ -174,6 +187,40 @@ def test_resume_after_kill_9(same: Stack, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["complete"] == 12
     for s in series:
         assert series_count(same.centre, s.series_uid) == 40
+
+
+def test_crash_between_a_proof_and_its_record(same: Stack, tmp_path: Path) -> None:
+    """The state a crash leaves after a series was proven and the next move sent, before both were
+    written (one transaction): the proven series still `moving`, the next `queried` and partly
+    delivered. The re-run counts the first (complete, no move) and moves the second again (its
+    pre-check is from before the crash; instances already held are stored once)."""
+    series, batch = setup_batch(same, tmp_path, n=2, per=10, seed=31)
+    cfg = write_config(tmp_path / "t.yaml", same)
+    assert run_cli("--batch", batch, "--config", cfg).returncode == 0
+    proven, sent = series[0].series_uid, series[1].series_uid
+    journal = tmp_path / "series.journal.sqlite"
+    with closing(sqlite3.connect(journal)) as db, db:
+        db.execute("UPDATE series SET state='moving', verified=NULL, finished_at=NULL WHERE uid=?", (proven,))
+        db.execute(
+            "UPDATE series SET state='queried', attempts=0, received=0, verified=NULL, issued_at=NULL,"
+            " finished_at=NULL WHERE uid=?",
+            (sent,),
+        )
+        start = db.execute("SELECT MAX(id) FROM events").fetchone()[0]
+    found = same.centre.rest.post("/tools/find", {"Level": "Instance", "Query": {"SeriesInstanceUID": sent}})
+    for instance in sorted(found)[:4]:  # the move was under way: 6 of 10 arrived
+        same.centre.rest.delete(f"/instances/{instance}")
+    assert series_count(same.centre, sent) == 6
+    res = run_cli("--batch", batch, "--config", cfg, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["complete"] == 2
+    with closing(sqlite3.connect(journal)) as db:
+        sql = "SELECT uid, event, detail FROM events WHERE id > ? AND uid IS NOT NULL ORDER BY id"
+        events = db.execute(sql, (start,))
+        trail = [(uid == proven, event, detail) for uid, event, detail in events]
+    assert [t for t in trail if t[0]] == [(True, "reclaim", "count=10"), (True, "arrived", "count=10")]
+    assert [t for t in trail if not t[0]] == [(False, "issued", "attempt=1"), (False, "arrived", "count=10")]
+    assert series_count(same.centre, proven) == 10 and series_count(same.centre, sent) == 10
 
 
 def test_status_reads_journal(same: Stack, tmp_path: Path) -> None:
