@@ -1,8 +1,10 @@
-"""The SQLite journal: one row per series, one guarded transaction per transition.
+"""The SQLite journal: one row per series, every transition guarded and atomic.
 
 Every state change is `UPDATE series SET state=? ... WHERE uid=? AND state=?` plus one row
 in `events`, in one transaction; a rowcount of 0 means someone else moved the row and is
-an error. WAL mode lets `status` read while a run writes.
+an error. A transition may be deferred to ride in the next write's transaction, before it
+(the scheduler does so for a proven series until the next move is sent): never split,
+never reordered. WAL mode lets `status` read while a run writes.
 """
 
 from __future__ import annotations
