@@ -183,6 +183,9 @@ def status(
         return
     s = info["summary"]
     typer.echo(f"journal   {info['journal']}")
+    if info.get("run"):
+        run = info["run"]
+        typer.echo(f"run       pid {run['pid']} on {run['host']}, started {run['started_at']}")
     typer.echo(f"series    {s['total']}: {s['complete']} complete, {s['failed']} failed, {s['pending']} pending")
     typer.echo("states    " + ", ".join(f"{k} {v}" for k, v in info["states"].items() if v))
     typer.echo(f"instances {s['instances']}")
@@ -190,6 +193,11 @@ def status(
         typer.echo(f"rate      {info['series_per_minute']} series/min, eta {info['eta_seconds']} s")
     for step, c in info.get("steps", {}).items():
         typer.echo(f"{step:<9} {c['done']} done, {c['failed']} failed, {c['pending']} pending")
+    if info.get("throttle"):
+        t = info["throttle"]
+        typer.echo(
+            f"throttle  limit {t['limit']}, ceiling {t['ceiling'] or '-'}, drops {t['drops']}, refusals {t['refusals']}"
+        )
     for f in info["in_flight"]:
         typer.echo(f"in flight {f['SeriesInstanceUID']} {f['state']} {f['received']}/{f['expected']}")
     for e in info["last_errors"]:

@@ -59,6 +59,28 @@ class JournalError(DicomTransferError):
     """The journal cannot be opened, or does not belong to this batch."""
 
 
+class JournalInUse(JournalError):
+    """Another run holds the journal: this one refuses before touching anything (exit 2)."""
+
+
+class StateConflict(JournalError):
+    """A guarded transition found the row in another state: an internal invariant broke.
+
+    Not bad input (exit 1, never 2): it names the series, the state this run expected
+    and the state the journal holds.
+    """
+
+    exit_code = 1
+
+    def __init__(self, uid: str, expected: str, found: str | None, event: str) -> None:
+        self.uid, self.expected, self.found, self.event = uid, expected, found, event
+        found_text = repr(found) if found is not None else "no such row"
+        super().__init__(
+            f"internal error: series {uid}: event {event!r} expected state {expected!r}, the journal holds"
+            f" {found_text}; the journal was changed outside this run's control (nothing was overwritten)"
+        )
+
+
 class IllegalTransition(DicomTransferError):
     """A (state, event) pair that the transition table does not allow."""
 

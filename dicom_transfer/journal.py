@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import JournalError
+from .errors import JournalError, StateConflict
 from .states import Event, State, next_state
 
 SCHEMA_VERSION = 1
@@ -230,8 +230,8 @@ class Journal:
     ) -> State:
         """Move one series from `state` by `event`, setting `fields`, in one transaction.
 
-        Raises IllegalTransition for a pair outside the table and JournalError when the
-        row is not in `state` any more. `defer=True` queues the transition, stamped now:
+        Raises IllegalTransition for a pair outside the table and StateConflict (exit 1)
+        when the row is not in `state` any more. `defer=True` queues the transition, stamped now:
         it is written in the transaction of the journal's next write, before that write,
         or by `flush()`. The scheduler defers a series' `complete` so that the record of
         a proof already made goes out with the next series' `issued`, after its move is
@@ -262,7 +262,8 @@ class Journal:
             (step.new.value, step.at, *step.fields.values(), step.uid, step.state.value),
         )
         if cur.rowcount != 1:
-            raise JournalError(f"series {step.uid}: expected state {step.state.value!r}, row not updated")
+            row = self.db.execute("SELECT state FROM series WHERE uid=?", (step.uid,)).fetchone()
+            raise StateConflict(step.uid, step.state.value, row[0] if row else None, step.event.value)
         self.db.execute(
             "INSERT INTO events (at, uid, event, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (step.at, step.uid, step.event.value, step.state.value, step.new.value, step.detail),
@@ -278,13 +279,22 @@ class Journal:
             fields = {**fields, "sop_uids": json.dumps(list(fields["sop_uids"]))}
         return fields
 
-    def record(self, event: str, detail: dict[str, Any] | None = None, uid: str | None = None) -> None:
-        """A run-level event (throttle change, run start/stop): one row, no state change."""
+    def record(
+        self, event: str, detail: dict[str, Any] | None = None, uid: str | None = None,
+        *, meta: dict[str, Any] | None = None,
+    ) -> None:
+        """A run-level event (throttle change, run start/stop): one row, no state change.
+
+        `meta`: keys to set in the same transaction (JSON values), e.g. the throttle's
+        state, which a resumed run reads back without scanning the events.
+        """
         with self._tx():  # after any deferred transition
             self.db.execute(
                 "INSERT INTO events (at, uid, event, detail) VALUES (?, ?, ?, ?)",
                 (self.clock(), uid, event, json.dumps(detail) if detail else None),
             )
+            for key, value in (meta or {}).items():
+                self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
         self.writes += 1
 
     # -- reading ----------------------------------------------------------------------

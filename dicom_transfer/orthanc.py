@@ -321,6 +321,7 @@ class OrthancRest:
         self._base_path = urllib.parse.urlsplit(self.url).path
         self.calls = 0
         self._version: tuple[int, ...] | None = None  # from the last `GET /system`
+        self._system: dict[str, Any] | None = None  # the last `GET /system` answer
 
     def close(self) -> None:
         self._wire.close()
@@ -454,6 +455,7 @@ class OrthancRest:
         if not isinstance(result, dict) or "Version" not in result:
             raise OrthancError(None, f"{self.url}/system", "not an Orthanc server (no Version)")
         self._version = parse_version(str(result["Version"]))
+        self._system = result
         return result
 
     def version(self) -> tuple[int, ...]:
@@ -800,6 +802,33 @@ class Destination(OrthancRest):
             if exc.status == 404:
                 return None
             raise
+
+    def storage_full(self) -> str | None:
+        """Why the destination refuses new instances, from its own figures; None when it has room
+        or cannot tell (no `MaximumStorageMode: Reject`, which Orthanc ≥ 1.11.2 reports in `/system`).
+
+        With `Reject`, a full Orthanc answers C-STOREs with a failure (and REST uploads with
+        HTTP 507) instead of recycling its oldest patients. "Full" leaves room for less than
+        two instances of the average size it holds (or any patient limit is reached).
+        """
+        system = self._system or self.system()
+        if system.get("MaximumStorageMode") != "Reject":
+            return None
+        max_mb = positive_int(system.get("MaximumStorageSize"))
+        max_patients = positive_int(system.get("MaximumPatientCount"))
+        if not max_mb and not max_patients:
+            return None
+        stats = self.get("/statistics")
+        used, held = int(stats.get("TotalDiskSize", 0)), int(stats.get("CountInstances", 0))
+        if max_mb:
+            cap = max_mb * 1024 * 1024
+            average = used / held if held else 0
+            if cap - used < 2 * average or used >= cap:
+                return f"storage full: {used / 2**20:.1f} of {max_mb} MB used (MaximumStorageSize, mode Reject)"
+        patients = int(stats.get("CountPatients", 0))
+        if max_patients and patients >= max_patients:
+            return f"storage full: {patients} of {max_patients} patients (MaximumPatientCount, mode Reject)"
+        return None
 
     def counts(self, series_uids: list[str]) -> dict[str, int]:
         """Instances held for many series with one `POST /tools/find` (a list of UIDs); 0 when absent."""

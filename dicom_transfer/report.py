@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .journal import Journal
+from .runlock import holder
 from .states import State
 from .steps import CSV_KEYS, csv_fields, report_fields, steps_summary
 
@@ -90,6 +91,9 @@ def build_report(
     }
     if warnings:
         report["warnings"] = warnings
+    throttle = learned_throttle(journal)
+    if throttle:
+        report["throttle"] = throttle
     steps = steps_summary(journal)
     if steps:
         report["steps"] = steps
@@ -145,16 +149,30 @@ def status(journal: Journal, now: float) -> dict[str, Any]:
         for e in journal.events(limit=200)
         if e["event"] in ("short", "give_up", "not_found") or e["event"].endswith("_failed")
     ][:10]
-    throttle = next((e for e in journal.events(limit=500) if e["event"] == "throttle"), None)
     return {
         "summary": s,
         "states": counts,
         "series_per_minute": round(rate * 60, 2) if rate else None,
         "eta_seconds": round(remaining / rate) if rate and remaining else None,
         "in_flight": flying,
-        "throttle": json.loads(throttle["detail"]) if throttle and throttle["detail"] else None,
+        "throttle": learned_throttle(journal),
         "last_errors": errors,
         "steps": steps_summary(journal),
         "journal": str(journal.path),
+        "run": running(journal.path),
         "at": iso(now),
     }
+
+
+def learned_throttle(journal: Journal) -> dict[str, Any] | None:
+    """The in-flight limit as the run left it: limit, ceiling, repeats, drops, refusals (None: never changed)."""
+    value = journal.meta("throttle")
+    return json.loads(value) if value else None
+
+
+def running(path: Path) -> dict[str, Any] | None:
+    """The live run holding this journal (pid, host, started), or None."""
+    info = holder(path)
+    if info is None:
+        return None
+    return {"pid": info["pid"], "host": info.get("host"), "started_at": iso(info.get("started_at"))}

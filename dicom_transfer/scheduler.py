@@ -9,6 +9,7 @@ queries run a little ahead of the moves, at most `limit` moves are in flight (AI
 from __future__ import annotations
 
 import heapq
+import json
 import queue
 import random
 import threading
@@ -35,6 +36,8 @@ from .orthanc import (
     dimse_from_error,
     is_association_failure,
 )
+from .pause import Pause
+from .runlock import SeriesClaims
 from .states import TRANSITIONS, Event, State, next_state
 from .throttle import Throttle
 from .verify import Decision, Observation, Verdict, judge
@@ -54,6 +57,8 @@ HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
 PENDING_CHUNK = 64  # pending rows read per SELECT (only this loop moves rows out of `pending`)
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 OVERTAKEN_GRACE_S = 0.5  # a later move whole this long, ours acknowledged and empty: ours was dropped
+FREE_REQUEUES = 10  # losses (drops, refusals) of one series in a run that cost it no attempt
+ELSEWHERE_WAIT_S = 2.0  # a series another run is moving (or arriving from elsewhere) is looked at again after this
 
 
 def hot_interval(late: float, poll_s: float) -> float | None:
@@ -256,15 +261,17 @@ class Scheduler:
         self._moved_ok = False  # a move of this run delivered: 0xA801 is then not a config error
         self._completions: deque[tuple[float, float]] = deque(maxlen=64)  # (issued_at, complete at)
         self._series_only: set[str] = set()
+        self._requeues: dict[str, int] = {}  # losses per series this run (see _requeue)
         self._s_per_series: float | None = None  # measured seconds per complete series (moving average)
         self._returned: queue.SimpleQueue[None] = queue.SimpleQueue()  # a blocking move or a list returned
         self._listers = Workers("list")
         self.lookahead = Lookahead(
             local, dest, cfg.source.modality, clock, spawn=self._listers.run, wake=lambda: self._returned.put(None)
         )
-        self.down_since: float | None = None  # the source stopped answering (association failures)
-        self.probe_at: float | None = None
-        self.probe_wait = 1.0  # image-level repair refused or useless: move series
+        self.source_pause = Pause("source", clock)  # the source stopped answering (association failures)
+        self.dest_pause = Pause("destination", clock)  # the destination stores nothing (full)
+        # Series in flight on this machine, shared with other runs to the same destination.
+        self.claims = SeriesClaims(f"{cfg.destination_url()}|{cfg.destination.aet}")
         self.after = after
         self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
@@ -281,7 +288,10 @@ class Scheduler:
             self.method = choose_move_method(self.local.version())
         self.change_mark = self.dest.last_change()
         self.journal.defer_checkpoints()
-        self.journal.record("run.start", {"method": self.method, "limit": self.throttle.limit})
+        learned = self.journal.meta("throttle")
+        if learned:  # a resumed run starts at the learned limit and ceiling
+            self.throttle.restore(json.loads(learned))
+        self.journal.record("run.start", {"method": self.method, **self.throttle.snapshot()})
         log.info("run.start", method=self.method, max_in_flight=self.t.max_in_flight)
         self._reclaim()
         self._ready = [(row.seq, row) for row in self.journal.rows(State.QUERIED)]
@@ -295,6 +305,7 @@ class Scheduler:
         finally:
             self.journal.flush()  # proofs made in the last pass
             self._log_told()
+            self.claims.close()
             result.counts = self.journal.counts()
             self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
@@ -310,14 +321,15 @@ class Scheduler:
             if not open_now and not self.flights and self.until_window_end:
                 result = RunResult(True, "outside the time window")
                 break
-            if self._source_gone_too_long(now):
-                result = RunResult(True, f"the source did not answer for {now - (self.down_since or now):.0f} s")
+            gone = self._party_gone_too_long(now)
+            if gone:
+                result = RunResult(True, gone)
                 break
             progressed = self._release_retries(now)
             # Judge the flights first: a series proven whole frees its slot, and the next
             # one (queried ahead while the last one moved) goes out in the same pass.
             progressed |= self._poll_flights()
-            if open_now and self._source_up(now):
+            if open_now and self._source_up(now) and self._destination_up(now):
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
             self.journal.flush()  # proofs no next move carried (the last one, a closed window)
@@ -350,35 +362,93 @@ class Scheduler:
         """Whether `text` says the PACS could not be reached at all; if so, pause the run."""
         if not is_association_failure(text):
             return False
-        now = self.clock()
-        if self.down_since is None:
-            self.down_since, self.probe_wait = now, 1.0
-            self.probe_at = now + self.probe_wait
+        if self.source_pause.begin((text or "")[:300]):
             self.journal.record("source.unreachable", {"error": (text or "")[:300]})
             log.warning("source.unreachable", error=(text or "")[:200])
         return True
 
     def _source_up(self, now: float) -> bool:
         """False while the source is down; probes it with a C-ECHO on a capped back-off."""
-        if self.down_since is None:
+        pause = self.source_pause
+        if not pause:
             return True
-        if self.probe_at is not None and now < self.probe_at:
+        if not pause.due(now):
             return False
         try:
             self.local.echo(self.cfg.source.modality)
         except Unreachable:
             raise
         except OrthancError:
-            self.probe_wait = min(self.probe_wait * 2, 30.0)
-            self.probe_at = now + self.probe_wait
+            pause.probe_failed(now)
             return False
-        self.journal.record("source.reachable", {"down_s": round(now - self.down_since, 1)})
-        log.info("source.reachable", down_s=round(now - self.down_since, 1))
-        self.down_since = self.probe_at = None
+        down_s = round(pause.end(), 1)
+        self.journal.record("source.reachable", {"down_s": down_s})
+        log.info("source.reachable", down_s=down_s)
         return True
 
-    def _source_gone_too_long(self, now: float) -> bool:
-        return self.down_since is not None and not self.flights and now - self.down_since > self.t.unreachable_s
+    # -- the destination full: pause, probe, resume (attempts are not spent) ------------
+
+    def _destination_refuses(self, flight: Flight) -> str | None:
+        """Why the destination stored nothing (or too little) of a short move; None when it is not the cause.
+
+        Its own figures (MaximumStorageSize with mode Reject), or the PACS's answer: C-MOVE
+        Warning 0xB000 (sub-operations failed) with nothing arriving means every C-STORE
+        to the destination was refused.
+        """
+        try:
+            full = self.dest.storage_full()
+        except Unreachable:
+            raise
+        except OrthancError:
+            full = None
+        if full is None and flight.job_dimse == 0xB000 and flight.count <= flight.baseline:
+            full = f"the PACS reported every C-STORE to {self.cfg.destination.aet} failed (C-MOVE status 0xB000)"
+        return full
+
+    def _destination_up(self, now: float) -> bool:
+        """False while the destination cannot store; probes its figures on a capped back-off.
+
+        When its figures cannot tell (a refusal seen only in the PACS's answer), the next
+        move is the probe: the pause ends once a series arrives, and a move refused again
+        costs no attempt.
+        """
+        pause = self.dest_pause
+        if not pause or pause.probe_at is None:
+            return True
+        if not pause.due(now):
+            return False
+        try:
+            full = self.dest.storage_full()
+        except Unreachable:
+            raise
+        except OrthancError:
+            full = None
+        if full is not None:
+            pause.why = full
+            pause.probe_failed(now)
+            return False
+        pause.probe_at = None  # moves go out again; the first series that arrives ends the pause
+        self.journal.record("destination.retry", {"paused_s": round(now - (pause.since or now), 1)})
+        log.info("destination.retry", paused_s=round(now - (pause.since or now), 1))
+        return True
+
+    def _destination_stores(self) -> None:
+        """A series arrived: the destination stores again (ends its pause)."""
+        if self.dest_pause:
+            paused_s = round(self.dest_pause.end(), 1)
+            self.journal.record("destination.stores", {"paused_s": paused_s})
+            log.info("destination.stores", paused_s=paused_s)
+
+    def _party_gone_too_long(self, now: float) -> str | None:
+        """The stop reason once the source (or the destination) has been out longer than unreachable_s."""
+        if self.flights:
+            return None
+        if self.source_pause.too_long(now, self.t.unreachable_s):
+            return f"the source did not answer for {now - (self.source_pause.since or now):.0f} s"
+        if self.dest_pause.too_long(now, self.t.unreachable_s):
+            since = self.dest_pause.since or now
+            return f"the destination stored nothing for {now - since:.0f} s ({self.dest_pause.why})"
+        return None
 
     def _after_one(self) -> bool:
         """Run the after-arrival steps of one series, in the gaps while moves run."""
@@ -401,7 +471,10 @@ class Scheduler:
         """Sleep until something may change: a poll tick, a due retry or the window."""
         now = self.clock()
         if not self.flights:
-            wakeups = [self.journal.next_retry_at(), self.throttle.not_before, self.probe_at]
+            wakeups = [
+                self.journal.next_retry_at(), self.throttle.not_before,
+                self.source_pause.probe_at, self.dest_pause.probe_at,
+            ]  # fmt: skip
             if not open_now and self.window is not None:
                 wakeups.append(self.window.next_open(now))
             future = [w - now for w in wakeups if w is not None and w > now]
@@ -497,6 +570,7 @@ class Scheduler:
                 if not status.ended:
                     flight.job_ended_at = None  # still running in the local Orthanc: keep waiting
                 flight.job_succeeded = status.succeeded
+            self.claims.take(row.uid)  # ours: the run that moved it is gone (it held the journal)
             self.flights[row.uid] = flight
             log.info("series.reclaimed", series=short_uid(row.uid), count=count, expected=row.expected)
 
@@ -630,7 +704,7 @@ class Scheduler:
         if self._source_failure(reason):  # not this series' fault: no attempt spent
             self.journal.transition(
                 row.uid, State.PENDING, Event.SHORT, "source unreachable",
-                next_attempt_at=self._retry_at(self.probe_at), reason="source unreachable",
+                next_attempt_at=self._retry_at(self.source_pause.probe_at), reason="source unreachable",
             )  # fmt: skip
             return
         attempts = row.attempts + 1
@@ -664,7 +738,47 @@ class Scheduler:
         missing = sorted(source - self.dest.sop_uids(row.uid))
         return missing or None
 
+    def _claim(self, row: SeriesRow) -> SeriesRow | None:
+        """The row, free to move; None when another run moves it (it is looked at again later).
+
+        Another run on this machine holding the series waits this one out. When another
+        run to the same destination is alive, or part of the series is there already
+        (perhaps arriving from a run elsewhere), the destination is counted first: whole
+        is complete without a move, a count that changed since the query is left to settle.
+        """
+        if not self.claims.take(row.uid):
+            self._elsewhere(row, "in flight in another run on this machine")
+            return None
+        if row.received <= 0 and not self.claims.others():
+            return row
+        count = self.dest.count(row.uid)
+        if row.expected is not None and count >= row.expected:
+            self.claims.release(row.uid)
+            self.journal.transition(
+                row.uid, State.QUERIED, Event.PRESENT, f"count={count}",
+                received=count, verified="count", finished_at=self.clock(),
+            )  # fmt: skip
+            log.info("series.present", series=short_uid(row.uid), count=count)
+            if self.after is not None:
+                self.after_queue.append(row.uid)
+            return None
+        if count != row.received:
+            self.claims.release(row.uid)
+            self._elsewhere(row, f"arriving at the destination ({row.received} -> {count} instances)")
+            return None
+        return row
+
+    def _elsewhere(self, row: SeriesRow, why: str) -> None:
+        """Another run moves this series: look again after ELSEWHERE_WAIT_S (no attempt spent)."""
+        when = self._retry_at(self.clock() + ELSEWHERE_WAIT_S)
+        self.journal.transition(
+            row.uid, State.QUERIED, Event.SHORT, why, reason=f"waiting: {why}", next_attempt_at=when
+        )
+        log.info("series.elsewhere", series=short_uid(row.uid), why=why)
+
     def _start(self, row: SeriesRow) -> None:
+        if self._claim(row) is None:
+            return
         now = self.clock()
         attempt = row.attempts + 1
         baseline = row.received  # counted by the query's pre-check, moments ago
@@ -700,6 +814,7 @@ class Scheduler:
             )  # fmt: skip
         except Unreachable:
             del self.flights[row.uid]  # nothing was issued: the row stays `queried`
+            self.claims.release(row.uid)
             raise
         except OrthancError as exc:
             issued(None)
@@ -915,6 +1030,8 @@ class Scheduler:
             finished_at=now, seconds=seconds, reason=None, next_attempt_at=None,
         )  # fmt: skip
         del self.flights[flight.uid]
+        self.claims.release(flight.uid)
+        self._destination_stores()
         self._tell(
             "series.complete", series=short_uid(flight.uid), received=flight.count,
             expected=flight.expected, attempt=flight.attempt, seconds=round(seconds, 3),
@@ -930,8 +1047,21 @@ class Scheduler:
 
     def _short(self, flight: Flight, state: State, decision: Decision) -> None:
         self.flights.pop(flight.uid, None)
+        self.claims.release(flight.uid)
         if flight.job_id and flight.job_ended_at is None:
             self.local.cancel_job(flight.job_id)
+        refused = self._destination_refuses(flight)
+        if refused is not None:
+            # Not the series' fault either: the attempt is given back and moves wait.
+            if self.dest_pause.begin(refused):
+                self.journal.record("destination.full", {"why": refused})
+                log.warning("destination.full", why=refused, destination=self.cfg.destination.aet)
+            self.journal.transition(
+                flight.uid, state, Event.SHORT, f"destination full: {refused}",
+                reason="destination full", received=flight.count, attempts=flight.attempt - 1,
+                next_attempt_at=self._retry_at(self.dest_pause.probe_at),
+            )  # fmt: skip
+            return
         unreachable = flight.job_error or decision.reason
         if flight.job_dimse == 0xA801:  # (only reached once moves have worked: see _check_a801)
             unreachable = f"DicomAssociation - connecting: the PACS could not reach {self.cfg.destination.aet}"
@@ -939,7 +1069,8 @@ class Scheduler:
             # The PACS was unreachable: the attempt is given back and the run pauses.
             self.journal.transition(
                 flight.uid, state, Event.SHORT, "source unreachable",
-                reason="source unreachable", received=flight.count, next_attempt_at=self._retry_at(self.probe_at),
+                reason="source unreachable", received=flight.count,
+                next_attempt_at=self._retry_at(self.source_pause.probe_at),
                 attempts=flight.attempt - 1,
             )  # fmt: skip
             return
@@ -948,15 +1079,9 @@ class Scheduler:
             reason += f"; move job: {flight.job_error}"
         if flight.subset and flight.count <= flight.baseline:
             self._series_only.add(flight.uid)  # the instance-level move did nothing: next time the series
-        out_of_resources = flight.job_dimse is not None and (flight.job_dimse & 0xFF00) == 0xA700
-        if self.throttle.cooling():
-            pass  # the same burst as a "full" already acted on: halve once, as TCP does per window
-        elif out_of_resources:
-            self._throttle_changed(self.throttle.full(f"pacs full (0x{flight.job_dimse:04X})"))
-        elif decision.pacs_full and flight.job_dimse is None and flight.issued_here:
-            # Acknowledged, then nothing arrived: the PACS dropped it from a full queue. The
-            # cool-down counts from the PACS's last delivery: it may have been idle since.
-            self._throttle_changed(self.throttle.full("nothing delivered", since=self._last_arrival_at or None))
+        lost = self._lost(flight, decision)
+        if lost is not None and self._requeue(flight, state, lost):
+            return
         if flight.attempt >= self.t.max_attempts:
             final = f"{reason} after {flight.attempt} attempts"
             self.journal.transition(
@@ -974,7 +1099,37 @@ class Scheduler:
             expected=flight.expected, attempt=flight.attempt, retry_in=round(when - self.clock(), 1),
         )  # fmt: skip
 
+    def _lost(self, flight: Flight, decision: Decision) -> str | None:
+        """A move the PACS refused for resources or dropped: tell the throttle; None for a short of the series' own."""
+        if flight.job_dimse is not None and (flight.job_dimse & 0xFF00) == 0xA700:
+            why = f"refused for resources (0x{flight.job_dimse:04X})"
+            self._throttle_changed(self.throttle.refused(flight.issued_at, why))
+            return why
+        if decision.pacs_full and flight.job_dimse is None and flight.issued_here and flight.count <= flight.baseline:
+            # Acknowledged, then nothing arrived (or a later move overtook it): dropped from a full queue.
+            self._throttle_changed(self.throttle.dropped(flight.issued_at, "dropped: acknowledged, nothing delivered"))
+            return "dropped: acknowledged, nothing delivered"
+        return None
+
+    def _requeue(self, flight: Flight, state: State, why: str) -> bool:
+        """Put a lost move's series back in line at once: no attempt spent, no back-off.
+
+        It was the PACS's queue, not the series. After FREE_REQUEUES losses of one series
+        in a run it is treated as the series' own problem (attempts and back-off).
+        """
+        n = self._requeues[flight.uid] = self._requeues.get(flight.uid, 0) + 1
+        if n > FREE_REQUEUES:
+            return False
+        self.journal.transition(
+            flight.uid, state, Event.REQUEUED, why,
+            attempts=flight.attempt - 1, received=flight.count, reason=None, next_attempt_at=None,
+        )  # fmt: skip
+        row = self.journal.get(flight.uid)
+        heapq.heappush(self._ready, (row.seq, row))
+        self._tell("series.requeued", series=short_uid(flight.uid), why=why, times=n)
+        return True
+
     def _throttle_changed(self, change: dict[str, Any]) -> None:
-        self.journal.record("throttle", change)
+        self.journal.record("throttle", change, meta={"throttle": self.throttle.snapshot()})
         log.info("throttle.changed", **change)
 

@@ -40,6 +40,7 @@ class Event(str, Enum):
     GIVE_UP = "give_up"  # no attempts left, or an error that no retry fixes
     RETRY_DUE = "retry_due"  # the back-off is over
     RECLAIM = "reclaim"  # found in flight at start-up (previous run stopped or crashed)
+    REQUEUED = "requeued"  # the PACS dropped or refused the move (its queue, not the series): in line again
 
 
 S, E = State, Event
@@ -59,10 +60,12 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.MOVING, E.SHORT): S.WAITING_RETRY,
     (S.MOVING, E.GIVE_UP): S.FAILED,
     (S.MOVING, E.RECLAIM): S.VERIFYING,
+    (S.MOVING, E.REQUEUED): S.QUERIED,
     (S.VERIFYING, E.ARRIVED): S.COMPLETE,
     (S.VERIFYING, E.SHORT): S.WAITING_RETRY,
     (S.VERIFYING, E.GIVE_UP): S.FAILED,
     (S.VERIFYING, E.RECLAIM): S.VERIFYING,
+    (S.VERIFYING, E.REQUEUED): S.QUERIED,
     (S.WAITING_RETRY, E.RETRY_DUE): S.PENDING,
     (S.WAITING_RETRY, E.GIVE_UP): S.FAILED,
 }

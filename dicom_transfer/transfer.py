@@ -20,6 +20,7 @@ from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable, 
 from .journal import Journal, file_digest
 from .orthanc import Destination, LocalOrthanc, OrthancRest
 from .report import build_report, write_report
+from .runlock import JournalLock
 from .scheduler import RunResult, Scheduler, StopFlag
 from .steps import AfterArrivalSteps
 from .steps import validate as validate_steps
@@ -190,9 +191,23 @@ def run_batch(
     clock: Callable[[], float] = time.time,
 ) -> Outcome:
     """The main job. Bad input raises before anything is written."""
+    journal_path = journal_path or default_journal(batch)
+    with JournalLock(journal_path, clock=clock):  # a second run on this journal refuses here (exit 2)
+        return _run_locked(cfg, batch, journal_path, report_path, until_window_end, show_phi, on_progress, clock)
+
+
+def _run_locked(
+    cfg: Config,
+    batch: Path,
+    journal_path: Path,
+    report_path: Path | None,
+    until_window_end: bool,
+    show_phi: bool,
+    on_progress: Callable[[dict[str, int]], None] | None,
+    clock: Callable[[], float],
+) -> Outcome:
     validate_steps(cfg)  # export/tags/anonymize keys and the lookup table: exit 2 before anything
     rows = read_batch(batch)
-    journal_path = journal_path or default_journal(batch)
     local, dest = connect(cfg)
     started = clock()
     journal = Journal(journal_path, clock=clock)

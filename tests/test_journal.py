@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_transfer.errors import IllegalTransition, JournalError
+from dicom_transfer.errors import IllegalTransition, JournalError, StateConflict
 from dicom_transfer.journal import Journal, SeriesRow
 from dicom_transfer.states import Event, State
 
@@ -162,7 +162,7 @@ def test_transition_leaves_other_rows_alone(journal: Journal):
 
 
 def test_transition_guarded_by_state(journal: Journal, path: Path):
-    """A transition from the wrong `state` raises JournalError; the row and the events stay unchanged."""
+    """A transition from the wrong `state` raises StateConflict (exit 1, both states named); nothing changes."""
     uid = UIDS[0]
     journal.transition(uid, State.PENDING, Event.QUERIED, expected=50)
     row = journal.get(uid)
@@ -172,6 +172,8 @@ def test_transition_guarded_by_state(journal: Journal, path: Path):
     with pytest.raises(JournalError) as info:
         journal.transition(uid, State.PENDING, Event.SHORT, next_attempt_at=5.0, reason="boom")
     assert uid in str(info.value)
+    assert isinstance(info.value, StateConflict) and info.value.exit_code == 1
+    assert "expected state 'pending'" in str(info.value) and "holds 'queried'" in str(info.value)
     assert journal.get(uid) == row
     assert event_rows(path) == events
     assert journal.writes == writes

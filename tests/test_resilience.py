@@ -20,6 +20,7 @@ from bench.resilience import (
     R1_FAULTS,
     RestartPeers,
     journal_events,
+    journal_rows,
     r1_async_queue,
     r2_abort,
     r3_kills,
@@ -73,7 +74,13 @@ def test_r1_full_queue_throttles_and_loses_nothing(same: Stack, start_pacs: Star
     assert sum(result.extra["pacs"]["dropped"].values()) >= 1  # the queue did overflow
     assert result.duplicates == 0
     changes = [json.loads(d) for d in result.extra["throttle"]]  # events table, event='throttle'
-    assert {"from": 4, "to": 2, "why": "nothing delivered"}.items() <= changes[0].items(), changes
+    first = {"from": 4, "to": 2, "why": "dropped: acknowledged, nothing delivered", "ceiling": 4}
+    assert first.items() <= changes[0].items(), changes
+    assert all("hold_s" not in c for c in changes)  # a drop never stops issuing
+    # A dropped move was the queue's fault: back in line with no attempt spent.
+    requeued = journal_events(tmp_path / "series.journal.sqlite", "requeued")
+    assert len(requeued) == sum(result.extra["pacs"]["dropped"].values()), requeued
+    assert {row["attempts"] for row in journal_rows(tmp_path / "series.journal.sqlite")} == {1}
     # The PACS's own one-move-at-a-time drain rate is the ceiling; bench/resilience.py prints the real ratio.
     assert result.extra["ratio"] >= 0.5, result.notes
 

@@ -1,0 +1,287 @@
+"""One journal, one run; overlapping batches; a full destination; a broken invariant.
+
+Real Orthanc processes, a real misbehaving PACS, the CLI as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import _new_orthanc_command, run_cli, start_cli, wait_complete
+from peers.pacs import MisbehavingPacs
+
+from bench.resilience import count_at
+from dicom_transfer.runlock import lock_path
+from dicom_transfer.stack import OrthancProcess, OrthancSpec, Stack, launch_orthanc
+from dicom_transfer.stack import _stop_all as stop_all
+from dicom_transfer.stack import _wait_all as wait_all
+from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
+
+pytestmark = pytest.mark.integration
+
+
+def config(path: Path, local_url: str, aet: str, *, source: str = "BADPACS", dest_url: str | None = None,
+           **transfer: object) -> Path:  # fmt: skip
+    settings = {"stall_s": 1, "move_timeout_s": 60, "backoff_s": 0.2, **transfer}
+    dest = f", url: {dest_url}" if dest_url else ""
+    path.write_text(
+        f"local: {{url: {local_url}}}\n"
+        f"source: {{modality: {source}}}\n"
+        f"destination: {{aet: {aet}{dest}}}\n"
+        "transfer: {" + ", ".join(f"{k}: {v}" for k, v in settings.items()) + "}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def slow_pacs(same: Stack) -> Iterator[tuple[MisbehavingPacs, list[SyntheticSeries]]]:
+    """A PACS taking ~40 ms a series (4 instances, 10 ms each), registered in the centre as BADPACS."""
+    series = make_series(20, 4, seed=211, rows=16, columns=16)
+    pacs = MisbehavingPacs(series, store_delay_s=0.01).start()
+    pacs.register_in(same.centre)
+    yield pacs, series
+    pacs.stop()
+    assert not pacs.errors, pacs.errors
+
+
+def wait_for_holder(journal: Path, pid: int, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = json.loads(lock_path(journal).read_text() or "null")
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict) and info.get("pid") == pid:
+            return info
+        time.sleep(0.01)
+    raise AssertionError(f"run {pid} never took the journal lock")
+
+
+def events(journal: Path, name: str) -> list[tuple[Any, ...]]:
+    """(uid, detail) of every `name` event; empty while the run has not made its tables yet."""
+    try:
+        with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=10)) as db:
+            return db.execute("SELECT uid, detail FROM events WHERE event=? ORDER BY id", (name,)).fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def states(journal: Path) -> dict[str, int]:
+    """Series per state; empty while the run has not made its tables yet."""
+    try:
+        with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=10)) as db:
+            return dict(db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
+def test_second_run_on_the_same_journal_refuses_at_once(same: Stack, slow_pacs, tmp_path: Path) -> None:
+    """Twin start: the second run exits 2 at once naming the holder and changes nothing; the first completes all."""
+    pacs, series = slow_pacs
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+    journal = tmp_path / "j.sqlite"
+    first = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
+    try:
+        held = wait_for_holder(journal, first.pid)
+        began = time.monotonic()
+        second = run_cli("--batch", batch, "--config", cfg, "--journal", journal)
+        took = time.monotonic() - began
+        assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    finally:
+        out, err = first.communicate(timeout=120)
+    assert second.returncode == 2, second.stderr
+    started = time.strftime("%H:%M:%S", time.localtime(held["started_at"]))
+    assert (
+        f"journal {journal} is in use by another run (pid {first.pid}, started {started} on host {held['host']});"
+        f" status: main.py status --journal {journal}"
+    ) in second.stderr.replace("\n", "")
+    assert took < 5, took  # the interpreter's start-up, nothing more
+    assert first.returncode == 0, err
+    assert states(journal) == {"complete": 20}
+    assert len(events(journal, "run.start")) == 1  # the second never wrote
+    assert all(pacs.moves[s.series_uid] == 1 for s in series), pacs.moves
+    assert not lock_path(journal).exists()  # removed by the holder on its way out
+
+
+def test_status_works_beside_the_run_and_names_it(same: Stack, slow_pacs, tmp_path: Path) -> None:
+    """`status --json` answers while a run holds the journal and says which process runs it."""
+    pacs, series = slow_pacs
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+    journal = tmp_path / "j.sqlite"
+    run = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
+    try:
+        wait_for_holder(journal, run.pid)
+        wait_complete(journal, 1)
+        status = run_cli("status", "--journal", journal, "--json")
+    finally:
+        run.communicate(timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["run"]["pid"] == run.pid
+    assert run.returncode == 0
+    after = run_cli("status", "--journal", journal, "--json")
+    assert json.loads(after.stdout)["run"] is None
+
+
+def test_kill_9_frees_the_journal_for_the_next_run(same: Stack, slow_pacs, tmp_path: Path) -> None:
+    """kill -9 of the holder frees the lock at once: the next start reclaims and completes every series."""
+    pacs, series = slow_pacs
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+    journal = tmp_path / "j.sqlite"
+    first = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
+    wait_for_holder(journal, first.pid)
+    assert wait_complete(journal, 3) >= 3
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    assert lock_path(journal).exists()  # left behind by kill -9, and harmless
+    again = run_cli("--batch", batch, "--config", cfg, "--journal", journal)
+    assert again.returncode == 0, again.stderr
+    assert states(journal) == {"complete": 20}
+    assert all(count_at(same.centre.rest, s.series_uid) == 4 for s in series)
+
+
+def test_overlapping_batches_on_two_journals_move_no_series_twice(
+    same: Stack, slow_pacs, tmp_path: Path
+) -> None:
+    """Two journals listing the same series, started together: every C-MOVE at the source names a new series."""
+    pacs, series = slow_pacs
+    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE", max_in_flight=2)
+    batch_a = write_batch_csv(series, tmp_path / "a.csv")
+    batch_b = write_batch_csv(series[4:] + series[:4], tmp_path / "b.csv")  # overlapping, another order
+    a = start_cli("--batch", batch_a, "--config", cfg)
+    b = start_cli("--batch", batch_b, "--config", cfg)
+    out_a, err_a = a.communicate(timeout=120)
+    out_b, err_b = b.communicate(timeout=120)
+    assert (a.returncode, b.returncode) == (0, 0), (err_a, err_b)
+    assert states(tmp_path / "a.journal.sqlite") == {"complete": 20}
+    assert states(tmp_path / "b.journal.sqlite") == {"complete": 20}
+    moved_twice = {uid: n for uid, n in pacs.moves.items() if n > 1}
+    assert not moved_twice, moved_twice
+    assert sum(pacs.moves.values()) == 20
+    waited = events(tmp_path / "a.journal.sqlite", "short") + events(tmp_path / "b.journal.sqlite", "short")
+    assert all("another run" in d or "arriving" in d for _, d in waited), waited
+
+
+def test_a_journal_changed_behind_the_run_is_an_internal_error_not_bad_input(
+    same: Stack, tmp_path: Path
+) -> None:
+    """A guarded transition that finds another state exits 1 naming the series and both states, never 2."""
+    series = make_series(1, 4, seed=223, rows=16, columns=16)
+    pacs = MisbehavingPacs(series, hang=True).start()
+    try:
+        pacs.register_in(same.centre)
+        batch = write_batch_csv(series, tmp_path / "series.csv")
+        cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+        journal = tmp_path / "j.sqlite"
+        run = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (journal.exists() and states(journal).get("moving") == 1):
+            time.sleep(0.02)
+        with closing(sqlite3.connect(journal, timeout=10)) as db:  # someone edits the journal by hand
+            db.execute("UPDATE series SET state='failed', reason='edited' WHERE state='moving'")
+            db.commit()
+        pacs.hang = False
+        _, err = run.communicate(timeout=60)
+    finally:
+        pacs.stop()
+    assert run.returncode == 1, err
+    uid = series[0].series_uid
+    assert f"internal error: series {uid}: event 'arrived' expected state 'moving'" in err.replace("\n", "")
+    assert "holds 'failed'" in err
+    assert "Traceback" not in err
+
+
+# -- a destination that cannot store ------------------------------------------------------
+
+
+@pytest.fixture
+def full_stack(tmp_path: Path) -> Iterator[tuple[OrthancProcess, OrthancProcess, OrthancProcess]]:
+    """PACS and local Orthanc 1.10.1, destination Orthanc ≥ 1.12 capped at 1 MB with MaximumStorageMode Reject."""
+    new = _new_orthanc_command()
+    pacs, centre, dest = (OrthancSpec.plan(n, a) for n, a in (("pacs", "HOSPITAL"), ("centre", "CENTRE"),
+                                                             ("dest", "DEST")))  # fmt: skip
+    launched = [
+        launch_orthanc(pacs, tmp_path, {"DEST": dest.modality}),
+        launch_orthanc(centre, tmp_path, {"PACS": pacs.modality}),
+        launch_orthanc(dest, tmp_path, {"PACS": pacs.modality}, command=new,
+                       extra_config={"MaximumStorageSize": 1, "MaximumStorageMode": "Reject"}),
+    ]  # fmt: skip
+    wait_all(launched, 30)
+    yield launched[0], launched[1], launched[2]
+    stop_all(launched, kill=True)
+
+
+def free_space(dest: OrthancProcess, filler: SyntheticSeries) -> None:
+    """Delete the filler patient from the destination."""
+    for patient in dest.rest.get("/patients"):
+        if dest.rest.get(f"/patients/{patient}")["MainDicomTags"]["PatientID"] == filler.patient_id:
+            dest.rest.delete(f"/patients/{patient}")
+
+
+def test_destination_full_pauses_without_failing_then_the_same_command_resumes(
+    full_stack, tmp_path: Path
+) -> None:
+    """Destination full mid-batch: exit 3, no failed series, no attempt spent, one destination.full; freed: exit 0."""
+    pacs, centre, dest = full_stack
+    filler = make_series(1, 70, seed=227)  # ~0.6 of the 1 MB the destination may hold
+    upload(dest.rest, filler)
+    series = make_series(8, 10, seed=229)  # ~0.7 MB more: the destination fills up mid-batch
+    upload(pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    journal = tmp_path / "j.sqlite"
+    cfg = config(tmp_path / "t.yaml", centre.url, "DEST", source="PACS", dest_url=dest.url, unreachable_s=3,
+                 max_attempts=2)  # fmt: skip
+    first = run_cli("--batch", batch, "--config", cfg, "--journal", journal, "--report", tmp_path / "r.json")
+    assert first.returncode == 3, first.stderr
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert summary["failed"] == 0 and 0 < summary["complete"] < 8, summary
+    assert "the destination stored nothing for" in first.stderr and "storage full" in first.stderr
+    full = events(journal, "destination.full")
+    assert len(full) == 1 and "of 1 MB used" in full[0][1], full
+    with closing(sqlite3.connect(journal)) as db:
+        spent = db.execute("SELECT MAX(attempts) FROM series WHERE state != 'complete'").fetchone()[0]
+    assert spent == 0  # given back: the destination's fault, not the series'
+    # Space is freed: the same command completes the batch.
+    free_space(dest, filler[0])
+    again = run_cli("--batch", batch, "--config", cfg, "--journal", journal, "--report", tmp_path / "r2.json")
+    assert again.returncode == 0, again.stderr
+    assert states(journal) == {"complete": 8}
+    assert all(count_at(dest.rest, s.series_uid) == 10 for s in series)
+
+
+def test_destination_full_frees_up_during_the_run(full_stack, tmp_path: Path) -> None:
+    """Space freed while the run is paused on a full destination: the run resumes by itself and exits 0."""
+    pacs, centre, dest = full_stack
+    filler = make_series(1, 70, seed=231)
+    upload(dest.rest, filler)
+    series = make_series(8, 10, seed=233)
+    upload(pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    journal = tmp_path / "j.sqlite"
+    cfg = config(tmp_path / "t.yaml", centre.url, "DEST", source="PACS", dest_url=dest.url, unreachable_s=60)
+    run = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (journal.exists() and events(journal, "destination.full")):
+            time.sleep(0.1)
+        assert events(journal, "destination.full")
+        free_space(dest, filler[0])
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, err
+    assert states(journal) == {"complete": 8}
+    assert len(events(journal, "destination.full")) == 1
+    assert events(journal, "destination.stores")
