@@ -19,6 +19,12 @@ the test's tmp dir. `DT_VPN_CUT_S=150` lengthens the cut of the first two tests.
 `test_vpn_long_cut_fails_no_series`: a cut longer than the attempt budget fails no series
 (the run pauses while the PACS cannot be reached, and spends no attempts).
 
+`test_vpn_relay_delay_cut_mid_batch` runs the same scenario where netem is missing, on
+the VPN topology of tests/wanstack.py instead: PACS, controller and local Orthanc on the
+hospital side, the destination DEST behind a `WanLink` relay (RTT 60 ms, 20 Mbit) that
+both the PACS's C-STOREs and the controller's REST calls to DEST cross; the relay is
+black-holed for RELAY_CUT_S (10 s, `DT_VPN_RELAY_CUT_S`) once a series is complete.
+
 Where network namespaces (or tc) are not allowed the tests skip, saying precisely why;
 the netem variant also skips, with the kernel's facts, where sch_netem is missing.
 """
@@ -41,6 +47,7 @@ import pytest
 from conftest import REPO_ROOT
 from netns import BLACK_HOLE, NetnsUnavailable, VethLink, create_link
 from test_transfer import series_count, write_config
+from wanstack import WanStack, wan_stack
 
 from dicom_transfer.stack import (
     CENTRE_AET,
@@ -64,6 +71,8 @@ RATE_CAP = ("tbf", "rate", "4mbit", "burst", "32kbit", "latency", "400ms")  # a 
 FIRST_COMPLETE_WITHIN_S = 40.0
 RUN_AFTER_CUT_S = 120.0  # cut + this after the start, the CLI counts as hung: killed, and the test fails
 LONG_CUT_S = 45.0  # about twice what the default 3 attempts last while the source cannot be reached
+RELAY = {"rtt_ms": 60, "mbit": 20}  # a slow VPN between hospital and centre
+RELAY_CUT_S = float(os.environ.get("DT_VPN_RELAY_CUT_S", "10"))
 
 
 @dataclass
@@ -79,6 +88,32 @@ class NsSpec(OrthancSpec):
     @property
     def modality(self) -> tuple[str, str, int]:
         return (self.aet, self.host, self.dicom_port)
+
+
+class RelayVpn:
+    """The VPN as a `WanLink` relay (tests/wanstack.py), with the few methods the scenario uses."""
+
+    def __init__(self, wan: WanStack) -> None:
+        self.wan = wan
+        self.log: list[str] = [f"WanLink rtt {wan.link.rtt_ms:g} ms, {wan.link.mbit:g} Mbit each way"]
+
+    @property
+    def is_cut(self) -> bool:
+        return self.wan.link.is_cut
+
+    def shape(self, shaping: tuple[str, ...]) -> None:
+        """The relay's delay and rate are set when it starts: nothing to add."""
+
+    def cut(self) -> None:
+        self.wan.link.cut()
+        self.log.append("cut")
+
+    def restore(self) -> None:
+        self.wan.link.restore()
+        self.log.append("restore")
+
+
+Vpn = VethLink | RelayVpn
 
 
 @pytest.fixture
@@ -163,7 +198,7 @@ class Outcome:
 
 def _transfer_through_cut(
     stack: Stack,
-    link: VethLink,
+    link: Vpn,
     tmp_path: Path,
     shaping: tuple[str, ...],
     variant: str,
@@ -178,7 +213,10 @@ def _transfer_through_cut(
     upload(stack.pacs.rest, series)  # over the veth, before it is impaired
     link.shape(shaping)
     batch = write_batch_csv(series, tmp_path / "series.csv")
-    cfg = write_config(tmp_path / "t.yaml", stack, **transfer)
+    if isinstance(link, RelayVpn):  # the destination's REST through the relay
+        cfg = link.wan.config_yaml(tmp_path / "t.yaml", **{"stall_s": 2, "backoff_s": 0.2, **transfer})
+    else:
+        cfg = write_config(tmp_path / "t.yaml", stack, **transfer)
     journal, report_path = tmp_path / "series.journal.sqlite", tmp_path / "report.json"
     stderr_path = tmp_path / "cli.stderr"
     argv = [sys.executable, str(REPO_ROOT / "main.py"), "--batch", str(batch), "--config", str(cfg)]
@@ -202,7 +240,10 @@ def _transfer_through_cut(
     wall = time.monotonic() - t0
 
     figures, events = _figures(journal, stack, series, variant, shaping, link, timeline, wall, code)
-    figures["cut"] = f"{cut_s:g} s black hole on both veth ends (tc qdisc replace ... root {' '.join(BLACK_HOLE)})"
+    if isinstance(link, RelayVpn):
+        figures["cut"] = f"{cut_s:g} s black hole of the relay, both ways (traffic held, not dropped)"
+    else:
+        figures["cut"] = f"{cut_s:g} s black hole on both veth ends (tc qdisc replace ... root {' '.join(BLACK_HOLE)})"
     figures["transfer"] = transfer
     out = tmp_path / f"vpn-figures-{variant}.json"
     out.write_text(json.dumps({"figures": figures, "events": events}, indent=2))
@@ -228,13 +269,13 @@ def _assert_all_complete(stack: Stack, out: Outcome) -> None:
     assert summary["instances"] == n * PER_SERIES, out.context
     for row in json.loads(out.report_path.read_text())["series"]:
         assert (row["state"], row["expected"], row["received"]) == ("complete", PER_SERIES, PER_SERIES), row
-    for s in out.series:  # nothing lost: the centre holds every instance, the PACS still has all
-        assert series_count(stack.centre, s.series_uid) == PER_SERIES, s.series_uid
+    for s in out.series:  # nothing lost: the destination holds every instance, the PACS still has all
+        assert series_count(stack.destination, s.series_uid) == PER_SERIES, s.series_uid
     assert len(stack.pacs.rest.get("/instances")) == n * PER_SERIES
 
 
 def _cut_once_one_is_complete(
-    proc: subprocess.Popen[bytes], link: VethLink, journal: Path, t0: float, cut_s: float
+    proc: subprocess.Popen[bytes], link: Vpn, journal: Path, t0: float, cut_s: float
 ) -> dict[str, Any]:
     """Wait for the first complete series, black-hole the link for `cut_s`, restore it."""
     while _complete(journal) < 1:
@@ -259,13 +300,32 @@ def _cut_once_one_is_complete(
     }
 
 
+def _topology(link: Vpn, stack: Stack) -> dict[str, str]:
+    pacs_port, centre_port = stack.pacs.spec.dicom_port, stack.centre.spec.dicom_port
+    if isinstance(link, RelayVpn):
+        wan = link.wan
+        return {
+            "pacs": f"{stack.pacs.spec.aet} REST {stack.pacs.url}, DICOM 127.0.0.1:{pacs_port}",
+            "centre": f"{stack.centre.spec.aet} (local Orthanc) REST {stack.centre.url}",
+            "dest": f"{wan.dest.spec.aet} REST {wan.dest_url}, DICOM 127.0.0.1:{wan.dest_dicom_port} (via the relay)",
+            "relayed_connections": str(len(wan.link.connections)),
+        }
+    return {
+        "namespace": link.ns,
+        "veth_host": f"{link.host_if} {link.host_addr}/30",
+        "veth_ns": f"{link.ns_if} {link.ns_addr}/30",
+        "pacs": f"{stack.pacs.spec.aet} REST {stack.pacs.url}, DICOM {link.ns_addr}:{pacs_port}",
+        "centre": f"{stack.centre.spec.aet} REST {stack.centre.url}, DICOM {link.host_addr}:{centre_port}",
+    }
+
+
 def _figures(
     journal: Path,
     stack: Stack,
     series: list[Any],
     variant: str,
     shaping: tuple[str, ...],
-    link: VethLink,
+    link: Vpn,
     timeline: dict[str, Any],
     wall: float,
     code: int | None,
@@ -273,8 +333,7 @@ def _figures(
     shorts = _journal_rows(journal, "SELECT COUNT(*) FROM events WHERE event='short'")
     retried = _journal_rows(journal, "SELECT uid, attempts, state, reason FROM series WHERE attempts > 1")
     attempts = _journal_rows(journal, "SELECT SUM(attempts), MAX(attempts) FROM series")
-    received = sum(series_count(stack.centre, s.series_uid) for s in series)
-    pacs_port, centre_port = stack.pacs.spec.dicom_port, stack.centre.spec.dicom_port
+    received = sum(series_count(stack.destination, s.series_uid) for s in series)
     start = _journal_rows(journal, "SELECT detail FROM events WHERE event='run.start' ORDER BY id LIMIT 1")
     figures = {
         "variant": variant,
@@ -282,7 +341,7 @@ def _figures(
         "shaping_each_end": " ".join(shaping),
         "series": len(series),
         "instances_expected": len(series) * PER_SERIES,
-        "instances_at_centre": received,
+        "instances_at_destination": received,
         "exit_code": code,
         "wall_s": round(wall, 1),
         "short_events": shorts[0][0] if shorts else None,
@@ -291,13 +350,7 @@ def _figures(
         "attempts_max": attempts[0][1] if attempts else None,
         "final_states": _states(journal),
         **timeline,
-        "topology": {
-            "namespace": link.ns,
-            "veth_host": f"{link.host_if} {link.host_addr}/30",
-            "veth_ns": f"{link.ns_if} {link.ns_addr}/30",
-            "pacs": f"{stack.pacs.spec.aet} REST {stack.pacs.url}, DICOM {link.ns_addr}:{pacs_port}",
-            "centre": f"{stack.centre.spec.aet} REST {stack.centre.url}, DICOM {link.host_addr}:{centre_port}",
-        },
+        "topology": _topology(link, stack),
         "commands": link.log,
     }
     t_start = _journal_rows(journal, "SELECT MIN(at) FROM events")
@@ -356,3 +409,15 @@ def test_vpn_long_cut_fails_no_series(link: VethLink, tmp_path: Path) -> None:
             rerun = subprocess.run(out.argv, env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, timeout=120)
             out.code = rerun.returncode
         _assert_all_complete(stack, out)
+
+
+def test_vpn_relay_delay_cut_mid_batch(tmp_path: Path) -> None:
+    """Destination behind a relay (RTT 60 ms, 20 Mbit), cut for 10 s mid-batch: all complete, exit 0."""
+    with wan_stack(tmp_path / "orthanc", **RELAY) as wan:
+        vpn = RelayVpn(wan)
+        shaping = ("relay", f"rtt {RELAY['rtt_ms']}ms", f"{RELAY['mbit']}mbit")
+        out = _transfer_through_cut(wan.stack, vpn, tmp_path, shaping, "relay", cut_s=RELAY_CUT_S)
+        _assert_all_complete(wan.stack, out)
+        stores = [c for c in wan.link.connections if c.target == ("127.0.0.1", wan.dest.spec.dicom_port)]
+        assert len(stores) >= N_SERIES, "the C-STOREs did not all cross the relay"
+        assert out.figures["restored_at_s"] - out.figures["cut_at_s"] >= RELAY_CUT_S - 0.5
