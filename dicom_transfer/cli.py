@@ -28,6 +28,7 @@ from . import logs
 from .config import Config, load_config
 from .errors import BatchError, DicomTransferError
 from .journal import Journal
+from .report import failed_rows
 from .report import status as status_of
 
 app = typer.Typer(add_completion=False, help="Verified, throttled, resumable C-MOVE of DICOM series through Orthanc.")
@@ -99,7 +100,7 @@ def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | No
         f" {s['instances']} instances in {s['seconds']:.1f} s",
         highlight=False,
     )
-    for row in report["series"]:
+    for row in failed_rows(report):  # not the whole list: a batch may have 10^6 series
         if row["state"] == "failed":
             err.print(f"  failed {row['SeriesInstanceUID']}: {row['reason']}", markup=False, highlight=False)
         for step in ("anonymized", "tags", "export"):

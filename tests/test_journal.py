@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicom_transfer.errors import IllegalTransition, JournalError
-from dicom_transfer.journal import Journal, SeriesRow
+from dicom_transfer.journal import PLAN_CHUNK, Journal, SeriesRow
 from dicom_transfer.states import Event, State
 
 UIDS = [f"1.2.826.0.1.3680043.8.498.{n}" for n in (7, 3, 11, 5, 2)]  # deliberately not sorted
@@ -118,13 +118,13 @@ def test_replan_survives_reopen(path: Path, tmp_path: Path):
         j2.close()
 
 
-def test_plan_is_one_transaction_for_many_rows(path: Path, tmp_path: Path):
-    """Planning 20,000 rows is one write and keeps their order."""
+def test_plan_is_one_transaction_per_chunk(path: Path, tmp_path: Path):
+    """Planning 20,000 rows is one write per PLAN_CHUNK rows (plus start and end) and keeps their order."""
     uids = [f"1.2.40.{n}" for n in range(20_000, 0, -1)]
     j = Journal(path, clock=FakeClock())
     try:
         assert j.plan(((u, None, None, i) for i, u in enumerate(uids)), tmp_path / "big.csv") == len(uids)
-        assert j.writes == 1
+        assert j.writes == 2 + -(-len(uids) // PLAN_CHUNK)
         assert [r.uid for r in j.rows(limit=3)] == uids[:3]
         assert j.counts()["pending"] == len(uids)
     finally:
