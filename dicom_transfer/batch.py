@@ -281,9 +281,9 @@ class _Duplicates:
     `report` merges the runs and compares neighbours.
     """
 
-    def __init__(self, header: _Header, run_rows: int = RUN_ROWS) -> None:
+    def __init__(self, header: _Header, run_rows: int | None = None) -> None:
         self.h = header
-        self.run_rows = run_rows
+        self.run_rows = run_rows or RUN_ROWS
         self.keys: list[str] = []
         self.runs: list[IO[str]] = []
 
