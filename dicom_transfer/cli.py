@@ -185,6 +185,8 @@ def status(
     s = info["summary"]
     typer.echo(f"journal   {info['journal']}")
     typer.echo(f"series    {s['total']}: {s['complete']} complete, {s['failed']} failed, {s['pending']} pending")
+    if not info["plan"]["complete"]:
+        typer.echo(f"planning  not finished (batch line {info['plan']['line'] or 0} reached)")
     typer.echo("states    " + ", ".join(f"{k} {v}" for k, v in info["states"].items() if v))
     typer.echo(f"instances {s['instances']}")
     if info["series_per_minute"]:

@@ -252,5 +252,12 @@ def status(journal: Journal, now: float) -> dict[str, Any]:
         "last_errors": errors,
         "steps": steps_summary(journal),
         "journal": str(journal.path),
+        "plan": _plan_state(journal),
         "at": iso(now),
     }
+
+
+def _plan_state(journal: Journal) -> dict[str, Any]:
+    """Whether every batch row is in the journal; while not, the batch line planning has reached."""
+    mark = journal.meta("plan_at")
+    return {"complete": journal.planned, "line": int(mark.split()[0]) if mark else None}

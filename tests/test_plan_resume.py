@@ -12,6 +12,7 @@ from pathlib import Path
 from dicom_transfer import logs
 from dicom_transfer.config import load_config
 from dicom_transfer.journal import PLAN_CHUNK, Journal, file_digest
+from dicom_transfer.report import status
 from dicom_transfer.transfer import checked_batch, plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +72,12 @@ def test_killed_mid_plan_the_rerun_plans_only_the_rest(tmp_path: Path) -> None:
         done = db.execute("SELECT COUNT(*) FROM series").fetchone()[0]
     assert done % PLAN_CHUNK == 0 and 0 < done < ROWS  # whole chunks only
     assert int(killed["plan_at"].split()[0]) == done + 1  # the mark: the last planned row's line
+    reader = Journal(journal, readonly=True)  # `status` tells the plan is unfinished, and how far it got
+    try:
+        info = status(reader, time.time())
+    finally:
+        reader.close()
+    assert info["plan"] == {"complete": False, "line": done + 1} and info["summary"]["total"] == done
 
     logs.configure(quiet=True)
     checked = checked_batch(batch, journal)  # the same file: hashed, not checked again
