@@ -11,13 +11,16 @@ P3  ours vs a controller that starts an asynchronous retrieve and polls the coun
     (on --poll-series series), and vs a bash-style loop of `movescu` per series.
 P4  completion latency: an observer thread counts each series at the destination every 10 ms;
     journal 'arrived' time minus the first moment the series was whole.
-P5  100,000-row batch: read_batch + plan time and peak RSS (subprocess); time to the first
-    'issued' of a resumed run on a half-done journal; `main.py status` time.
+P5  100,000- and 1,000,000-row batches through the CLI: validate + plan outside the time
+    window (exit 3), time and the CLI's own peak RSS (wait4); `status --json` time; kill -9
+    mid-run, then the time to the re-run's first move; (10^6) kill -9 mid-plan, then the
+    re-run plans the rest and moves.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -49,7 +52,6 @@ from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write
 
 OUT = BENCH / "out" / "suite"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-BIG_ROWS = 100_000
 
 
 @dataclass
@@ -303,116 +305,179 @@ def p4(ctx: Ctx) -> None:
 # ---------------------------------------------------------------------------------------
 # P5: scale
 
-CHILD = r"""
-import json, resource, sys, time
-from pathlib import Path
-sys.path.insert(0, sys.argv[3])
-from dicom_transfer.batch import read_batch
-from dicom_transfer.config import load_config
-from dicom_transfer.journal import Journal
-from dicom_transfer.transfer import plan
-
-def status_kb(key):  # VmHWM is this process's own peak; ru_maxrss can carry the parent's over fork+exec
-    return int(next(x for x in open("/proc/self/status") if x.startswith(key)).split()[1])
-
-cur = status_kb("VmRSS")
-batch, journal = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = load_config(None, overrides={"local.url": "http://127.0.0.1:1"})
+# Runs a command as its child and reports the child's own peak RSS (wait4's ru_maxrss).
+# A tiny launcher, because a child's ru_maxrss starts from the RSS of the process that
+# forked it (the benchmark itself is large): this one is ~10 MB, below any CLI peak.
+LAUNCH = r"""
+import json, os, sys, time
 t0 = time.perf_counter()
-rows = read_batch(batch)
-t1 = time.perf_counter()
-j = Journal(journal)
-n = plan(j, batch, rows, cfg, None)
-j.close()
-t2 = time.perf_counter()
-peak = status_kb("VmHWM")
-maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"read": t1 - t0, "plan": t2 - t1, "n": n, "cur_kb": cur, "peak_kb": peak, "maxrss_kb": maxrss}))
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+json.dump({"rc": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+           "seconds": time.perf_counter() - t0}, open(sys.argv[1], "w"))
 """
 
 
-def big_batch(ctx: Ctx, path: Path) -> SyntheticSeries:
-    """100,000 valid synthetic rows; row 50,002 (the first pending after the fake kill) is real."""
-    rows = make_series(BIG_ROWS, 0, seed=901)
-    real = ctx.series[0]
-    rows[BIG_ROWS // 2 + 1] = real
-    write_batch_csv(rows, path)
-    return real
+def big_batch(ctx: Ctx, path: Path, rows: int) -> None:
+    """`rows` valid rows: the suite's series (held by the PACS) first, then made-up ones (random UIDs)."""
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("SeriesInstanceUID,StudyInstanceUID\n")
+        for s in ctx.series:
+            fh.write(f"{s.series_uid},{s.study_uid}\n")
+        for i in range(rows - len(ctx.series)):
+            h = hashlib.sha256(f"p5-{i}".encode()).digest()
+            fh.write(f"2.25.{int.from_bytes(h[:16], 'big') | 1},2.25.{int.from_bytes(h[16:], 'big') | 1}\n")
 
 
-def fake_kill(journal: Path) -> None:
-    db = sqlite3.connect(journal, isolation_level=None)
+def run_measured(cmd: list[str], out: Path) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-c", LAUNCH, str(out), *cmd], cwd=REPO, env=ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)  # fmt: skip
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"P5: launcher failed: {proc.stderr[-2000:]}")
+    r: dict[str, float] = json.loads(out.read_text())
+    r["stderr"] = proc.stderr[-2000:]  # type: ignore[assignment]
+    return r
+
+
+def journal_facts(journal: Path) -> dict[str, object]:
+    db = sqlite3.connect(journal, isolation_level=None)  # read-write: a read-only one leaves -shm behind
     try:
-        now = time.time()
-        half = BIG_ROWS // 2
-        db.execute("UPDATE series SET state='complete', expected=1, received=1, attempts=1, verified='count',"
-                   " first_issued_at=?, issued_at=?, finished_at=?, seconds=0.1 WHERE seq<=?",
-                   (now - 60, now - 60, now - 30, half))  # fmt: skip
-        db.execute("UPDATE series SET state='moving', expected=1, attempts=1, issued_at=?, first_issued_at=?,"
-                   " move_method='blocking' WHERE seq=?", (now - 5, now - 5, half + 1))  # fmt: skip
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        rows = db.execute("SELECT COUNT(*) FROM series").fetchone()[0]
+        events = db.execute("SELECT COUNT(*) FROM events WHERE event='issued'").fetchone()[0]
     finally:
         db.close()
+    return {"planned": "planned_at" in meta, "plan_at": meta.get("plan_at"), "rows": rows, "issued": events}
 
 
-def first_issued(cmd: list[str], journal: Path, timeout_s: float = 60.0) -> float:
-    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, isolation_level=None)
+def first_issued(cmd: list[str], journal: Path, timeout_s: float = 120.0) -> tuple[float, subprocess.Popen[str]]:
+    """Start `cmd`; seconds until the journal holds an 'issued' event of this run. Returns the running process."""
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, isolation_level=None, timeout=30)
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while time.time() - start < timeout_s:
-            at = db.execute("SELECT MIN(at) FROM events WHERE event='issued' AND at>=?", (start,)).fetchone()[0]
+            try:
+                at = db.execute("SELECT MIN(at) FROM events WHERE event='issued' AND at>=?", (start,)).fetchone()[0]
+            except sqlite3.OperationalError:  # busy while a chunk commits
+                at = None
             if at is not None:
-                return float(at) - start
+                return float(at) - start, proc
             if proc.poll() is not None:
                 err = proc.stderr.read()[-2000:] if proc.stderr else ""
                 raise SystemExit(f"P5: the CLI ended (exit {proc.returncode}) before issuing: {err}")
             time.sleep(0.01)
-        raise SystemExit("P5: no 'issued' event within 60 s")
+        stop(proc)
+        raise SystemExit(f"P5: no 'issued' event within {timeout_s:.0f} s")
     finally:
         db.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
-def p5(ctx: Ctx) -> None:
-    d = ctx.work / "p5"
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def plan_mark(journal: Path) -> int:
+    """The batch line planning reached (0 before the first chunk), read without blocking the writer."""
+    try:
+        db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, isolation_level=None, timeout=0.2)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key='plan_at'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+    return int(row[0].split()[0]) if row else 0
+
+
+def outside_window() -> dict[str, object]:
+    """A one-hour window starting two hours from now (UTC): now is outside it."""
+    now = time.gmtime()
+    start = (now.tm_hour + 2) % 24
+    return {"start": f"{start:02d}:{now.tm_min:02d}", "end": f"{(start + 1) % 24:02d}:{now.tm_min:02d}",
+            "timezone": "UTC"}  # fmt: skip
+
+
+def p5_size(ctx: Ctx, rows: int, limits: tuple[float, float], kill_mid_plan: bool) -> None:
+    """One batch size: plan outside the window (time, peak RSS, exit 3), status, kill -9 and resume."""
+    d = ctx.work / f"p5-{rows}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    batch, journal = d / "big.csv", d / "big.sqlite"
-    big_batch(ctx, batch)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(journal), str(REPO)], env=ENV,
-                         capture_output=True, text=True, check=False)  # fmt: skip
-    if out.returncode != 0:
-        raise SystemExit(f"P5 child failed: {out.stderr[-2000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    t = r["read"] + r["plan"]
-    mb = r["peak_kb"] / 1024
-    add("P5a", f"read_batch + plan, {BIG_ROWS:,} rows", f"{t:.2f} s (read {r['read']:.2f})", "-", "< 5 s", t < 5)
-    after = f"after imports {r['cur_kb'] / 1024:.0f} MB"
-    add("P5b", f"peak RSS (VmHWM; ru_maxrss {r['maxrss_kb'] / 1024:.0f} MB)", f"{mb:.0f} MB", after, "< 150 MB",
-        mb < 150)  # fmt: skip
-    fake_kill(journal)
-    config, _ = write_config(d, ctx.stack, {"transfer.max_in_flight": 4})
-    wipe_centre(ctx.stack)
-    cmd = [sys.executable, str(REPO / "main.py"), "--batch", str(batch), "--config", str(config),
-           "--journal", str(journal), "--json"]  # fmt: skip
-    t_issue = first_issued(cmd, journal)
-    add("P5c", "resume half-done journal: start -> first 'issued'", f"{t_issue:.2f} s", "-", "< 2 s", t_issue < 2)
-    st = [sys.executable, str(REPO / "main.py"), "status", "--journal", str(journal)]
+    batch, journal = d / "big.csv", d / "big.journal.sqlite"
+    big_batch(ctx, batch, rows)
+    for sub in ("closed", "open"):
+        (d / sub).mkdir()
+    closed, _ = write_config(d / "closed", ctx.stack, {"transfer.max_in_flight": 4, "window": outside_window()})
+    open_, _ = write_config(d / "open", ctx.stack, {"transfer.max_in_flight": 4})
+    main = [sys.executable, str(REPO / "main.py"), "--batch", str(batch), "--journal", str(journal), "--json"]
+    label = f"{rows:,} rows"
+    max_s, max_mb = limits
+
+    r = run_measured([*main, "--config", str(closed), "--until-window-end"], d / "launch.json")
+    facts = journal_facts(journal)
+    mb, t = r["maxrss_kb"] / 1024, r["seconds"]
+    ok = r["rc"] == 3 and facts["planned"] and facts["rows"] == rows and facts["issued"] == 0
+    if not ok:
+        raise SystemExit(f"P5 {label}: exit {r['rc']}, journal {facts}: {r['stderr']}")
+    add("P5a", f"{label}, CLI outside the window: validate + plan, exit 3; peak RSS (wait4)",
+        f"{t:.2f} s; {mb:.0f} MB", "-", f"< {max_s:.0f} s; < {max_mb:.0f} MB", t < max_s and mb < max_mb)  # fmt: skip
+
+    st = [sys.executable, str(REPO / "main.py"), "status", "--journal", str(journal), "--json"]
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         proc = subprocess.run(st, cwd=REPO, env=ENV, capture_output=True, text=True, check=False)
         times.append(time.perf_counter() - t0)
-        if proc.returncode != 0:
+        if proc.returncode != 0 or json.loads(proc.stdout)["summary"]["total"] != rows:
             raise SystemExit(f"status exit {proc.returncode}: {proc.stderr[-2000:]}")
     ts = med(times)
-    add("P5d", "`main.py status` on it (median of 3)", f"{ts:.2f} s", "-", "< 1 s", ts < 1)
+    add("P5b", f"{label}: `status --json` (median of 3)", f"{ts:.2f} s", "-", "< 1 s", ts < 1)
+
+    # A real run, killed with SIGKILL while it moves; the same command again.
+    wipe_centre(ctx.stack)
+    run = [*main, "--config", str(open_)]
+    _, proc = first_issued(run, journal)
+    time.sleep(0.3)  # a few series further: some complete, some in flight
+    stop(proc, signal.SIGKILL)
+    before = journal_facts(journal)
+    t_issue, proc = first_issued(run, journal)
+    stop(proc)
+    add("P5c", f"{label}: killed (-9) mid-run after {before['issued']} moves; re-run: start -> first move",
+        f"{t_issue:.2f} s", "-", "< 2 s", t_issue < 2)  # fmt: skip
+
+    if not kill_mid_plan:
+        return
+    journal2 = d / "killed.journal.sqlite"
+    run2 = [sys.executable, str(REPO / "main.py"), "--batch", str(batch), "--journal", str(journal2), "--json",
+            "--config", str(open_)]  # fmt: skip
+    proc = subprocess.Popen(run2, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while plan_mark(journal2) < rows // 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    stop(proc, signal.SIGKILL)
+    killed = journal_facts(journal2)
+    if killed["planned"] or not killed["rows"]:
+        raise SystemExit(f"P5: the kill did not land mid-plan: {killed}")
+    wipe_centre(ctx.stack)
+    t_issue, proc = first_issued(run2, journal2)
+    stop(proc)
+    done = journal_facts(journal2)
+    ok = bool(done["planned"]) and done["rows"] == rows
+    add("P5d", f"{label}: killed (-9) mid-plan at {killed['rows']:,} rows; re-run: plan the rest -> first move",
+        f"{t_issue:.2f} s", "-", f"planned {done['rows']:,}/{rows:,}", ok)  # fmt: skip
+
+
+def p5(ctx: Ctx) -> None:
+    p5_size(ctx, 100_000, (3, 100), kill_mid_plan=False)
+    p5_size(ctx, 1_000_000, (20, 120), kill_mid_plan=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,15 @@ a StudyInstanceUID and no SeriesInstanceUID is a whole study. Other DICOM keywor
 without BOM; `,` or `;` (whichever the header line uses). The file is streamed line by
 line, so neither a large batch nor a large file of garbage is held in memory.
 PatientID values never appear in an error message.
+
+A batch is read twice: `check_batch` validates every row (duplicates included) and hashes
+the file, holding no list of rows; `iter_batch` then streams the rows it accepted, from
+the start or from a byte offset where an interrupted plan stopped. Duplicate UIDs are found
+by an external merge sort: `RUN_ROWS` keys at a time are sorted in memory and spilled to an
+anonymous temporary file, and one merge of the sorted runs sees equal keys side by side.
+That costs one sequential write and read of ~70 bytes a row, in memory bounded whatever the
+batch size, where a B-tree on disk (a temporary SQLite table, the journal's UNIQUE index)
+takes a random page write per row once it outgrows its cache: ~4x slower at 10^6 rows.
 """
 
 from __future__ import annotations
@@ -14,11 +23,14 @@ import codecs
 import csv
 import difflib
 import functools
+import hashlib
+import heapq
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 from .errors import BatchError, BatchProblem
 
@@ -31,6 +43,7 @@ _USED = (SERIES, STUDY, PATIENT)
 
 MAX_LINE_BYTES = 64 * 1024  # a batch row is a few hundred bytes; longer means "not a batch"
 MAX_PROBLEMS = 10_000  # kept for the error; beyond this they are only counted
+RUN_ROWS = 50_000  # UIDs sorted in memory at once for the duplicate check (~10 MB)
 _SHOWN_VALUE = 80  # longest cell value quoted in a message
 
 
@@ -144,14 +157,20 @@ class Unreadable(Exception):
 class Lines:
     """Decoded lines of a binary file, counted, each checked for length, NULs and UTF-8."""
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: BinaryIO, *, digest: Any = None, number: int = 0) -> None:
         self._fh = fh
-        self.number = 0  # physical lines handed out so far
+        self.number = number  # physical lines handed out so far
+        self.offset = fh.tell()  # bytes read so far: where the next line starts
+        self._digest = digest  # a hashlib object fed every byte read, or None
 
     def __iter__(self) -> Iterator[str]:
         readline = self._fh.readline
+        update = self._digest.update if self._digest is not None else None
         while raw := readline(MAX_LINE_BYTES + 1):
             self.number += 1
+            self.offset += len(raw)
+            if update is not None:
+                update(raw)
             if self.number == 1:
                 raw = self._first(raw)
             if len(raw) > MAX_LINE_BYTES:
@@ -188,7 +207,8 @@ class Problems:
             self.kept.append(BatchProblem(self.label, line, column, field, reason))
 
     def error(self) -> BatchError:
-        return BatchError(self.kept, self.total)
+        # Stable: problems of one line keep their order; duplicates (found after the pass) fall into place.
+        return BatchError(sorted(self.kept, key=lambda p: p.line), self.total)
 
 
 def quoted(value: str) -> str:
@@ -198,7 +218,7 @@ def quoted(value: str) -> str:
 
 
 def _is_blank(cells: list[str]) -> bool:
-    return all(not c.strip() for c in cells)
+    return not "".join(cells).strip()
 
 
 @dataclass
@@ -251,14 +271,68 @@ def _unknown_column(name: str, suggestion: str | None) -> str:
     return f"unknown column {quoted(name)}{hint}"
 
 
-class _RowChecker:
-    """Validates data rows against the header and remembers UIDs to find duplicates."""
+class _Duplicates:
+    """Rows whose UID an earlier row has, found in bounded memory (external merge sort).
 
-    def __init__(self, header: _Header, out: Problems) -> None:
+    A key is one string, `<kind><uid>\t<line, zero-padded>` (kind "S" a series row, "T" a
+    study row), so that sorting is a C string sort and equal UIDs sort together, earliest
+    line first. Up to RUN_ROWS keys are held and sorted in memory; more are spilled as
+    sorted runs to anonymous temporary files (gone on close, never beside the batch).
+    `report` merges the runs and compares neighbours.
+    """
+
+    def __init__(self, header: _Header, run_rows: int | None = None) -> None:
+        self.h = header
+        self.run_rows = run_rows or RUN_ROWS
+        self.keys: list[str] = []
+        self.runs: list[IO[str]] = []
+
+    def add(self, kind: str, uid: str, line: int) -> None:
+        self.keys.append(f"{kind}{uid}\t{line:012d}\n")
+        if len(self.keys) >= self.run_rows:
+            self._spill()
+
+    def _spill(self) -> None:
+        self.keys.sort()
+        run = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n")
+        run.writelines(self.keys)
+        run.seek(0)
+        self.runs.append(run)
+        self.keys = []
+
+    def report(self, out: Problems) -> None:
+        """Add one problem per duplicate row, naming the first row with its UID."""
+        try:
+            self.keys.sort()
+            last, first = "", ""
+            for key in heapq.merge(self.keys, *self.runs):
+                uid, _, line = key.partition("\t")
+                if uid == last:
+                    self._problem(out, uid, int(line), int(first))
+                else:
+                    last, first = uid, line
+        finally:
+            self.close()
+
+    def _problem(self, out: Problems, key: str, line: int, first: int) -> None:
+        kind, uid = key[0], key[1:]
+        index, name, what = (self.h.series, SERIES, "row") if kind == "S" else (self.h.study, STUDY, "study row")
+        assert index is not None
+        out.add(line, index + 1, name, f"{quoted(uid)} duplicates the {what} at line {first}")
+
+    def close(self) -> None:
+        for run in self.runs:
+            run.close()
+        self.runs, self.keys = [], []
+
+
+class _RowChecker:
+    """Validates data rows against the header; hands valid rows' UIDs to the duplicate check."""
+
+    def __init__(self, header: _Header, out: Problems, duplicates: _Duplicates | None) -> None:
         self.h = header
         self.out = out
-        self.series_seen: dict[str, int] = {}
-        self.study_seen: dict[str, int] = {}
+        self.duplicates = duplicates
 
     def check(self, cells: list[str], line: int) -> BatchRow | None:
         h, out = self.h, self.out
@@ -276,8 +350,12 @@ class _RowChecker:
             column = (h.series if h.series is not None else h.study or 0) + 1
             out.add(line, column, None, f"row has neither a {SERIES} nor a {STUDY}")
             return None
-        if not self._unique(series, study, line):
-            return None
+        if self.duplicates is not None:
+            if series is not None:
+                self.duplicates.add("S", series, line)
+            else:
+                assert study is not None
+                self.duplicates.add("T", study, line)
         return BatchRow(line, series, study, patient)
 
     def _uid(self, cells: list[str], index: int | None, name: str, line: int) -> str | None:
@@ -308,19 +386,6 @@ class _RowChecker:
             self.out.add(line, index + 1, PATIENT, "must not contain a backslash")
         return value
 
-    def _unique(self, series: str | None, study: str | None, line: int) -> bool:
-        if series is not None:
-            seen, key, index, name, what = self.series_seen, series, self.h.series, SERIES, "row"
-        else:
-            assert study is not None
-            seen, key, index, name, what = self.study_seen, study, self.h.study, STUDY, "study row"
-        first = seen.setdefault(key, line)
-        if first != line:
-            assert index is not None
-            self.out.add(line, index + 1, name, f"{quoted(key)} duplicates the {what} at line {first}")
-            return False
-        return True
-
 
 def first_line(lines: Iterator[str]) -> str | None:
     for text in lines:
@@ -329,18 +394,97 @@ def first_line(lines: Iterator[str]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class BatchCheck:
+    """What `check_batch` learnt of a valid batch (no rows: `iter_batch` streams them)."""
+
+    path: Path
+    sha256: str  # of the file's bytes, as `journal.file_digest` computes it
+    rows: int  # valid rows (series and study rows)
+    studies: int  # of which study rows
+
+
+def check_batch(path: str | Path) -> BatchCheck:
+    """Validate a batch CSV in one streaming pass; raise `BatchError` listing every problem.
+
+    Memory does not grow with the file: no row is kept, and duplicates are found by an
+    external merge sort (see the module docstring).
+    """
+    digest = hashlib.sha256()
+    counts = {"rows": 0, "studies": 0}
+
+    def read(it: Iterator[str], lines: Lines, out: Problems) -> list[None]:
+        for row in _rows(it, lines, out, check=True):
+            counts["rows"] += 1
+            counts["studies"] += row.is_study
+        return []
+
+    read_checked(path, read, digest=digest)
+    return BatchCheck(Path(path), digest.hexdigest(), counts["rows"], counts["studies"])
+
+
+class BatchRows:
+    """The rows of a batch `check_batch` accepted, streamed; `line`/`offset` say where the last one ended.
+
+    `start` is a (line, byte offset) at a row boundary that an earlier `BatchRows` reported:
+    reading resumes there (the header is read again first). A row that fails its check now
+    (the file changed since it was checked) raises `BatchError`.
+    """
+
+    def __init__(self, path: str | Path, start: tuple[int, int] | None = None) -> None:
+        self.path = Path(path)
+        self.start = start
+        self.line, self.offset = start or (0, 0)
+
+    def __iter__(self) -> Iterator[BatchRow]:
+        out = Problems(str(self.path))
+        try:
+            with open(self.path, "rb") as fh:
+                lines = Lines(fh)
+                it = iter(lines)
+                header = _header(it, lines, out)
+                if header is None:
+                    raise out.error()
+                if self.start is not None and self.start[1] > lines.offset:
+                    fh.seek(self.start[1])
+                    lines = Lines(fh, number=self.start[0])
+                    it = iter(lines)
+                for row in _data_rows(it, lines, out, header, None):
+                    if out.total:
+                        raise out.error()
+                    self.line, self.offset = lines.number, lines.offset
+                    yield row
+                self.line, self.offset = lines.number, lines.offset
+        except Unreadable as exc:
+            out.add(exc.line, exc.column, None, exc.reason)
+            raise out.error() from None
+        except OSError as exc:
+            out.add(1, 1, None, f"cannot read the file ({exc.strerror or exc})")
+            raise out.error() from None
+        if out.total:
+            raise out.error()
+
+
+def iter_batch(path: str | Path, start: tuple[int, int] | None = None) -> BatchRows:
+    """Stream a checked batch's rows (see `BatchRows`)."""
+    return BatchRows(path, start)
+
+
 def read_batch(path: str | Path) -> list[BatchRow]:
-    """Read and validate a batch CSV; raise `BatchError` listing every problem in it."""
-    return read_checked(path, _read)
+    """Check a batch and return its rows as a list: for small batches (a large one streams)."""
+    check_batch(path)
+    return list(iter_batch(path))
 
 
-def read_checked(path: str | Path, read: Callable[[Iterator[str], Lines, Problems], list[_T]]) -> list[_T]:
+def read_checked(
+    path: str | Path, read: Callable[[Iterator[str], Lines, Problems], list[_T]], *, digest: Any = None
+) -> list[_T]:
     """Run `read` over a CSV file's lines; every problem it (or the file) has → one BatchError."""
     out = Problems(str(path))
     try:
         # Binary, decoded line by line, so that bad bytes get a line number.
         with open(path, "rb") as fh:
-            lines = Lines(fh)
+            lines = Lines(fh, digest=digest)
             rows = read(iter(lines), lines, out)
     except Unreadable as exc:
         out.add(exc.line, exc.column, None, exc.reason)
@@ -353,35 +497,58 @@ def read_checked(path: str | Path, read: Callable[[Iterator[str], Lines, Problem
     return rows
 
 
-def _read(it: Iterator[str], lines: Lines, out: Problems) -> list[BatchRow]:
+def _header(it: Iterator[str], lines: Lines, out: Problems) -> tuple[_Header, str] | None:
+    """The header (column positions and delimiter), or None after adding why the rows cannot be read."""
     header_text = first_line(it)
     if header_text is None:
         out.add(1, 1, None, f"empty file: expected a header of DICOM keywords such as {SERIES}")
-        return []
-    header_line = lines.number
+        return None
     delimiter = ";" if header_text.count(";") > header_text.count(",") else ","
-    header = _check_header(next(csv.reader([header_text], delimiter=delimiter), []), header_line, out)
-    if header is None:
-        return []  # without a UID column the rows cannot mean anything
-    checker = _RowChecker(header, out)
-    rows: list[BatchRow] = []
-    last = header_line
+    header = _check_header(next(csv.reader([header_text], delimiter=delimiter), []), lines.number, out)
+    return (header, delimiter) if header is not None else None
+
+
+def _rows(it: Iterator[str], lines: Lines, out: Problems, *, check: bool) -> Iterator[BatchRow]:
+    """The valid rows after the header; with `check`, duplicates too are found (after the last row)."""
+    found = _header(it, lines, out)
+    if found is None:
+        return  # without a UID column the rows cannot mean anything
+    header_line = lines.number
+    duplicates = _Duplicates(found[0]) if check else None
+    good = 0
+    try:
+        for row in _data_rows(it, lines, out, found, duplicates):
+            good += 1
+            yield row
+        if duplicates is not None:
+            duplicates.report(out)
+    finally:
+        if duplicates is not None:
+            duplicates.close()
+    if not good and not out.total:
+        out.add(header_line, 1, None, "no rows after the header")
+
+
+def _data_rows(
+    it: Iterator[str], lines: Lines, out: Problems, found: tuple[_Header, str], duplicates: _Duplicates | None
+) -> Iterator[BatchRow]:
+    header, delimiter = found
+    checker = _RowChecker(header, out, duplicates)
+    last = lines.number
+    good = 0
     try:
         for cells in csv.reader(it, delimiter=delimiter):
             start, last = last + 1, lines.number
-            if not _is_blank(cells):
-                row = checker.check(cells, start)
-                if row is not None:
-                    rows.append(row)
-                elif out.total >= MAX_PROBLEMS and len(rows) < out.total // 100:
-                    # Mostly garbage: say so now, in a few lines, rather than read gigabytes to count it.
-                    found = out.total
-                    out.kept, out.total = out.kept[:2], min(2, out.total)
-                    raise Unreadable(
-                        start, 1, f"stopped after {found} problems and {len(rows)} good rows: not a batch CSV"
-                    )
+            if _is_blank(cells):
+                continue
+            row = checker.check(cells, start)
+            if row is not None:
+                good += 1
+                yield row
+            elif out.total >= MAX_PROBLEMS and good < out.total // 100:
+                # Mostly garbage: say so now, in a few lines, rather than read gigabytes to count it.
+                found_n = out.total
+                out.kept, out.total = out.kept[:2], min(2, out.total)
+                raise Unreadable(start, 1, f"stopped after {found_n} problems and {good} good rows: not a batch CSV")
     except csv.Error as exc:
         raise Unreadable(last + 1, 1, f"not valid CSV ({exc})") from None
-    if not rows and not out.total:
-        out.add(header_line, 1, None, "no rows after the header")
-    return rows

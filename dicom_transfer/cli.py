@@ -28,6 +28,7 @@ from . import logs
 from .config import Config, load_config
 from .errors import BatchError, DicomTransferError
 from .journal import Journal
+from .report import failed_rows
 from .report import status as status_of
 
 app = typer.Typer(add_completion=False, help="Verified, throttled, resumable C-MOVE of DICOM series through Orthanc.")
@@ -99,7 +100,7 @@ def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | No
         f" {s['instances']} instances in {s['seconds']:.1f} s",
         highlight=False,
     )
-    for row in report["series"]:
+    for row in failed_rows(report):  # not the whole list: a batch may have 10^6 series
         if row["state"] == "failed":
             err.print(f"  failed {row['SeriesInstanceUID']}: {row['reason']}", markup=False, highlight=False)
         for step in ("anonymized", "tags", "export"):
@@ -187,6 +188,8 @@ def status(
         run = info["run"]
         typer.echo(f"run       pid {run['pid']} on {run['host']}, started {run['started_at']}")
     typer.echo(f"series    {s['total']}: {s['complete']} complete, {s['failed']} failed, {s['pending']} pending")
+    if not info["plan"]["complete"]:
+        typer.echo(f"planning  not finished (batch line {info['plan']['line'] or 0} reached)")
     typer.echo("states    " + ", ".join(f"{k} {v}" for k, v in info["states"].items() if v))
     typer.echo(f"instances {s['instances']}")
     if info["series_per_minute"]:

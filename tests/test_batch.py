@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from dicom_transfer.batch import BatchRow, is_valid_uid, read_batch, suggest_keyword
+from dicom_transfer import batch
+from dicom_transfer.batch import BatchRow, check_batch, is_valid_uid, iter_batch, read_batch, suggest_keyword
 from dicom_transfer.errors import BatchError
+from dicom_transfer.journal import file_digest
 
 S1 = "1.2.826.0.1.3680043.8.498.1"
 S2 = "1.2.826.0.1.3680043.8.498.2"
@@ -363,3 +366,99 @@ def test_garbage_text_header_stops_early(tmp_path):
     assert time.perf_counter() - start < 1.0
     assert all(p.startswith("series.csv:1:") for p in found)
     assert found[-1] == "series.csv:1:1: the header needs a SeriesInstanceUID or a StudyInstanceUID column"
+
+
+# -- streaming: two passes, bounded memory ---------------------------------------------------
+
+
+def test_duplicates_found_across_spilled_runs(tmp_path, monkeypatch):
+    """With the sort buffer at 3 keys, duplicates far apart (in different runs) are still found,
+    with the first line, among the other problems and in line order."""
+    monkeypatch.setattr(batch, "RUN_ROWS", 3)
+    uids = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(1, 21)]
+    body = uids[:10] + [uids[2], "1.2.x"] + uids[10:] + [uids[15], uids[2], ",1.2.3"]
+    path = write(
+        tmp_path,
+        "SeriesInstanceUID,StudyInstanceUID\n" + "\n".join(f"{u}," if "," not in u else u for u in body) + "\n,1.2.3\n",
+    )
+    assert problems(path) == [
+        f"series.csv:12:1: SeriesInstanceUID: '{uids[2]}' duplicates the row at line 4",
+        "series.csv:13:1: SeriesInstanceUID: '1.2.x' is not a valid UID",
+        f"series.csv:24:1: SeriesInstanceUID: '{uids[15]}' duplicates the row at line 19",
+        f"series.csv:25:1: SeriesInstanceUID: '{uids[2]}' duplicates the row at line 4",
+        "series.csv:27:2: StudyInstanceUID: '1.2.3' duplicates the study row at line 26",
+    ]
+
+
+def test_many_duplicates_render_100_and_the_count(tmp_path, monkeypatch):
+    """1,000 rows each listed twice, spilled in runs: 1,000 problems, the first 100 shown in line order."""
+    monkeypatch.setattr(batch, "RUN_ROWS", 64)
+    uids = [f"1.2.40.{n}" for n in range(1, 1001)]
+    path = write(tmp_path, "SeriesInstanceUID\n" + "".join(u + "\n" for u in uids + uids))
+    with pytest.raises(BatchError) as info:
+        read_batch(path)
+    assert info.value.total == 1000
+    lines = info.value.render().splitlines()
+    assert len(lines) == 101 and lines[-1] == "... and 900 more problems (1000 in all)"
+    assert lines[0] == f"{path}:1002:1: SeriesInstanceUID: '1.2.40.1' duplicates the row at line 2"
+    assert lines[99] == f"{path}:1101:1: SeriesInstanceUID: '1.2.40.100' duplicates the row at line 101"
+
+
+def test_check_batch_counts_and_hashes(tmp_path):
+    """check_batch keeps no rows: it counts them (study rows apart) and hashes the file as the journal does."""
+    path = write(tmp_path, f"StudyInstanceUID,SeriesInstanceUID\n{ST},\n{ST},{S1}\n\n{ST},{S2}\n")
+    checked = check_batch(path)
+    assert (checked.rows, checked.studies) == (3, 1)
+    assert checked.sha256 == file_digest(path)
+
+
+def test_iter_batch_resumes_at_a_mark(tmp_path):
+    """Rows read again from a (line, offset) mark an earlier pass reported are exactly the rest."""
+    text = "SeriesInstanceUID,PatientID\n" + "".join(f'1.2.40.{n},"P\n{n}"\n' for n in range(1, 8))
+    path = write(tmp_path, text, bom=True)
+    rows = iter_batch(path)
+    it = iter(rows)
+    first = [next(it) for _ in range(3)]
+    mark = (rows.line, rows.offset)
+    rest = list(iter_batch(path, mark))
+    assert [r.series_uid for r in first + rest] == [f"1.2.40.{n}" for n in range(1, 8)]
+    assert [r.line for r in rest] == [8, 10, 12, 14]  # quoted newlines: two physical lines a row
+    assert rest[0].patient_id == "P\n4"
+
+
+def test_check_memory_does_not_grow_with_the_batch(tmp_path, monkeypatch):
+    """Check, plan and report of 40,000 rows take no more Python memory than of 4,000: the bound
+    is the sort buffer and one plan chunk (a list of the 36,000 extra rows alone would add ~10 MB)."""
+    from dicom_transfer import transfer
+
+    monkeypatch.setattr(batch, "RUN_ROWS", 1_000)
+    monkeypatch.setattr(transfer, "PLAN_CHUNK", 1_000)
+    small, large = peak_mib(tmp_path, 4_000), peak_mib(tmp_path, 40_000)
+    assert large - small < 3, (small, large)
+
+
+def peak_mib(tmp_path: Path, rows: int) -> float:
+    from dicom_transfer.config import load_config
+    from dicom_transfer.journal import Journal
+    from dicom_transfer.report import build_report, write_report
+    from dicom_transfer.transfer import plan
+
+    path = tmp_path / f"{rows}.csv"
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("SeriesInstanceUID,StudyInstanceUID\n")
+        for i in range(rows):
+            fh.write(f"1.2.826.0.1.3680043.2.1125.{(i * 7919) % rows}.2,1.2.826.0.1.3680043.2.1125.{i // 10}.1\n")
+    cfg = load_config(None)
+    tracemalloc.start()
+    try:
+        checked = check_batch(path)
+        journal = Journal(tmp_path / f"{rows}.sqlite")
+        try:
+            assert plan(journal, path, checked, cfg, None) == rows
+            report = build_report(journal, str(path), 0.0, 1.0)
+            write_report(report, tmp_path / f"{rows}.json")
+        finally:
+            journal.close()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()

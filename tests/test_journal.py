@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicom_transfer.errors import IllegalTransition, JournalError, StateConflict
-from dicom_transfer.journal import Journal, SeriesRow
+from dicom_transfer.journal import PLAN_CHUNK, Journal, SeriesRow
 from dicom_transfer.states import Event, State
 
 UIDS = [f"1.2.826.0.1.3680043.8.498.{n}" for n in (7, 3, 11, 5, 2)]  # deliberately not sorted
@@ -118,13 +118,13 @@ def test_replan_survives_reopen(path: Path, tmp_path: Path):
         j2.close()
 
 
-def test_plan_is_one_transaction_for_many_rows(path: Path, tmp_path: Path):
-    """Planning 20,000 rows is one write and keeps their order."""
+def test_plan_is_one_transaction_per_chunk(path: Path, tmp_path: Path):
+    """Planning 20,000 rows is one write per PLAN_CHUNK rows (plus start and end) and keeps their order."""
     uids = [f"1.2.40.{n}" for n in range(20_000, 0, -1)]
     j = Journal(path, clock=FakeClock())
     try:
         assert j.plan(((u, None, None, i) for i, u in enumerate(uids)), tmp_path / "big.csv") == len(uids)
-        assert j.writes == 1
+        assert j.writes == 2 + -(-len(uids) // PLAN_CHUNK)
         assert [r.uid for r in j.rows(limit=3)] == uids[:3]
         assert j.counts()["pending"] == len(uids)
     finally:
@@ -511,3 +511,105 @@ def test_deferred_checkpoints_leave_the_wal_to_the_owner(tmp_path: Path) -> None
     page = 4096
     assert _wal_bytes_after(tmp_path, "left.sqlite", 1500, run_checkpoints=False) > 2000 * page
     assert _wal_bytes_after(tmp_path, "owned.sqlite", 1500, run_checkpoints=True) < 1000 * page
+
+
+# -- streamed planning and tallies ------------------------------------------------------------
+
+
+def test_plan_start_resumes_at_the_mark(path: Path, tmp_path: Path):
+    """Same file, plan interrupted: plan_start gives the mark of the last chunk written; planned: None."""
+    j = Journal(path, clock=FakeClock())
+    try:
+        assert j.plan_start(tmp_path / "b.csv", "d1") == (0, 0)
+        j.plan_rows(batch_rows()[:2], (3, 120))
+        assert not j.planned and j.plan_start(tmp_path / "b.csv", "d1") == (3, 120)
+        j.plan_rows(batch_rows()[2:], (6, 300))
+        j.plan_end()
+        assert j.planned and j.meta("plan_at") is None
+        assert j.plan_start(tmp_path / "b.csv", "d1") is None
+        assert [r.uid for r in j.rows()] == UIDS
+    finally:
+        j.close()
+
+
+def test_changed_file_mid_plan_starts_over_without_doubles(path: Path, tmp_path: Path):
+    """Another digest: planning starts again from line 1, rows already there keep their place, no row twice."""
+    j = Journal(path, clock=FakeClock())
+    try:
+        j.plan_start(tmp_path / "b.csv", "d1")
+        j.plan_rows(batch_rows()[:3], (4, 100))
+        assert j.plan_start(tmp_path / "b.csv", "d2") == (0, 0)
+        assert j.plan_rows(batch_rows([UIDS[1], "1.2.999", *UIDS]), (7, 200)) == 3
+        j.plan_end()
+        assert [r.uid for r in j.rows()] == [*UIDS[:3], "1.2.999", *UIDS[3:]]
+        assert j.counts()["pending"] == len(UIDS) + 1
+    finally:
+        j.close()
+
+
+def test_series_planned_twice_in_a_fresh_plan_keeps_the_first(path: Path, tmp_path: Path):
+    """A study row's series also listed as a series row: the UID index built at the end keeps the first one."""
+    j = Journal(path, clock=FakeClock())
+    try:
+        j.plan_start(tmp_path / "b.csv", "d1")
+        j.plan_rows([(UIDS[0], "1.2.3", None, 2), (UIDS[1], "1.2.3", None, 2)], (2, 50))
+        j.plan_rows([(UIDS[2], None, None, 3), (UIDS[0], None, None, 4)], (4, 90))
+        j.plan_end()
+        assert [(r.uid, r.batch_line) for r in j.rows()] == [(UIDS[0], 2), (UIDS[1], 2), (UIDS[2], 3)]
+        assert j.counts()["pending"] == 3 and j.totals()["total"] == 3
+        with pytest.raises(sqlite3.IntegrityError):
+            j.db.execute("INSERT INTO series (uid, state, updated_at) VALUES (?, 'pending', 0)", (UIDS[1],))
+    finally:
+        j.close()
+
+
+def test_tallies_match_a_full_count(journal: Journal):
+    """state_counts and run_times, kept by triggers, equal what a scan of the series table says."""
+    to_moving(journal, UIDS[0])
+    journal.transition(UIDS[0], State.MOVING, Event.JOB_ENDED, first_issued_at=5.0, received=3)
+    journal.transition(UIDS[0], State.VERIFYING, Event.ARRIVED, received=50, finished_at=9.0)
+    journal.transition(UIDS[1], State.PENDING, Event.NOT_FOUND, reason="not found at source")
+    journal.transition(UIDS[2], State.PENDING, Event.QUERIED, expected=4, defer=True)
+    journal.flush()
+    scanned = dict(journal.db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall())
+    assert {k: v for k, v in journal.counts().items() if v} == scanned
+    assert journal.totals() == {"total": 5, "instances": 50, "first_issued_at": 5.0, "last_finished_at": 9.0}
+
+
+def test_counts_do_not_scan_the_series_table(journal: Journal):
+    """counts() and totals() read the tallies: their query plans never visit `series`."""
+    for sql in ("SELECT state, n FROM state_counts", "SELECT first_issued_at, last_finished_at FROM run_times"):
+        plan = " ".join(str(r[-1]) for r in journal.db.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "series" not in plan
+    journal.db.execute("DROP TABLE series")  # nothing left to scan: the answers still come
+    assert journal.counts()["pending"] == len(UIDS)
+    assert journal.totals()["total"] == len(UIDS)
+
+
+def test_journal_of_schema_1_gets_tallies_on_open(tmp_path: Path):
+    """A journal written before the tallies (inline UNIQUE uid, no state_counts) is counted once on open."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    schema = Path(__file__).parent / "data" / "journal_schema_1.sql"
+    db.executescript(schema.read_text())
+    db.executemany(
+        "INSERT INTO series (uid, state, received, first_issued_at, finished_at, updated_at) VALUES (?, ?, ?, ?, ?, 0)",
+        [("1.2.1", "complete", 7, 10.0, 20.0), ("1.2.2", "pending", 0, None, None), ("1.2.3", "failed", 2, 12.0, 30.0)],
+    )
+    db.execute("INSERT INTO meta VALUES ('planned_at', '1.0')")
+    db.commit()
+    db.close()
+    reader = Journal(path, readonly=True)  # never opened for writing since: counts by scanning
+    try:
+        assert reader.counts()["complete"] == 1 and reader.totals()["instances"] == 7
+    finally:
+        reader.close()
+    j = Journal(path, clock=FakeClock())
+    try:
+        assert j.counts() == {**{s.value: 0 for s in State}, "complete": 1, "pending": 1, "failed": 1}
+        assert j.totals() == {"total": 3, "instances": 7, "first_issued_at": 10.0, "last_finished_at": 30.0}
+        j.transition("1.2.2", State.PENDING, Event.QUERIED, expected=3)
+        assert j.counts()["queried"] == 1 and j.counts()["pending"] == 0
+        assert j.plan(batch_rows(["1.2.2", "1.2.4"]), tmp_path / "b.csv") == 1  # the inline UNIQUE still guards
+    finally:
+        j.close()

@@ -69,9 +69,9 @@ def test_window_closing_mid_series_drains_and_stops(same: Stack, tmp_path: Path)
     journal = Journal(tmp_path / "j.sqlite", clock=clock)
     local = LocalOrthanc(same.centre.url)
     dest = Destination(same.centre.url)
-    from dicom_transfer.batch import read_batch
+    from dicom_transfer.batch import check_batch
 
-    plan(journal, batch, read_batch(batch), cfg, local)
+    plan(journal, batch, check_batch(batch), cfg, local)
 
     def on_progress(counts: dict[str, int]) -> None:
         if counts["moving"] and clock() < zurich_noon + 2:
