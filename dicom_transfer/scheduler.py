@@ -57,6 +57,7 @@ HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
 PENDING_CHUNK = 64  # pending rows read per SELECT (only this loop moves rows out of `pending`)
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
 OVERTAKEN_GRACE_S = 0.5  # a later move whole this long, ours acknowledged and empty: ours was dropped
+START_GRACE_MIN_S = 0.2  # the least quiet at an otherwise idle PACS that proves a move dropped
 FREE_REQUEUES = 10  # losses (drops, refusals) of one series in a run that cost it no attempt
 ELSEWHERE_WAIT_S = 2.0  # a series another run is moving (or arriving from elsewhere) is looked at again after this
 
@@ -165,6 +166,7 @@ class Flight:
     counted_at: float = 0.0
     job_asked_at: float = 0.0  # last `GET /jobs/{id}`: asked at most every poll_s
     first_growth: tuple[float, int] | None = None  # (when, count): the first count above baseline
+    alone: bool = False  # nothing else of ours was in flight when it was issued
     last_growth: tuple[float, int] | None = None  # (when, count): the last count that grew
 
 
@@ -260,6 +262,7 @@ class Scheduler:
         self._s_per_delivered: float | None = None  # seconds between arrivals once a move delivers (same)
         self._moved_ok = False  # a move of this run delivered: 0xA801 is then not a config error
         self._completions: deque[tuple[float, float]] = deque(maxlen=64)  # (issued_at, complete at)
+        self._s_to_first: float | None = None  # a lone move: issue to first arrival (moving average)
         self._series_only: set[str] = set()
         self._requeues: dict[str, int] = {}  # losses per series this run (see _requeue)
         self._s_per_series: float | None = None  # measured seconds per complete series (moving average)
@@ -788,6 +791,7 @@ class Scheduler:
         flight.count, flight.last_growth_at, flight.counted_at = baseline, now, now
         flight.first_issued_at = row.first_issued_at or now
         flight.subset = bool(subset)
+        flight.alone = not self.flights
         self.flights[row.uid] = flight
 
         def issued(job_id: str | None) -> None:
@@ -944,7 +948,25 @@ class Scheduler:
         ):
             return False
         later = [at for issued, at in self._completions if issued > flight.issued_at]
-        return bool(later) and now - min(later) >= OVERTAKEN_GRACE_S
+        if later:
+            return now - min(later) >= OVERTAKEN_GRACE_S
+        # Nothing of ours issued before it is still at the PACS, and the PACS has been quiet
+        # for longer than a move takes to start there: it would have started; it was dropped.
+        if any(f.issued_at < flight.issued_at for f in self.flights.values() if f is not flight):
+            return False
+        quiet_since = max(self._last_arrival_at, flight.issued_at, flight.job_ended_at)
+        return now - quiet_since >= self._start_grace()
+
+    def _start_grace(self) -> float:
+        """How long a PACS with nothing else of ours may stay quiet before a move counts as dropped.
+
+        Four times the measured time from a lone move's issue to its first arrival (at
+        least START_GRACE_MIN_S), and never longer than `stall_s`. A PACS serving its
+        queue in order starts the next move as soon as the one before it ends.
+        """
+        if self._s_to_first is None:
+            return self.t.stall_s
+        return min(self.t.stall_s, max(START_GRACE_MIN_S, 4 * self._s_to_first))
 
     @staticmethod
     def _unreachable_now(flight: Flight) -> bool:
@@ -1018,6 +1040,8 @@ class Scheduler:
                 at, count = flight.first_growth
                 pace = (flight.counted_at - at) / (flight.count - count)
                 self._s_per_delivered = moving_average(self._s_per_delivered, pace)
+        if flight.issued_here and flight.alone and flight.first_growth is not None:
+            self._s_to_first = moving_average(self._s_to_first, flight.first_growth[0] - flight.issued_at)
         if flight.issued_here:
             self._completions.append((flight.issued_at, now))
             took = now - flight.issued_at

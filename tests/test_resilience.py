@@ -233,3 +233,23 @@ def test_r5_destination_down_3s_pynetdicom_pacs(separate: Stack, start_pacs: Sta
     print("R5:", "; ".join(result.notes))
     assert result.exit_codes in ([0], [3, 0]), result.stderr
     assert result.complete == 8 and result.at_destination == result.expected
+
+
+# -- a queue that changes size mid-run ------------------------------------------------------
+
+
+def test_limit_follows_a_pacs_queue_that_shrinks_and_grows_back(same: Stack, tmp_path: Path) -> None:
+    """Queue 3 → 1 → 3 mid-run: the limit drops to 1 at once, regains 3 within ~2 × recover_after; nothing lost."""
+    from bench.pacsqueue import changing_queue
+
+    series = make_series(30, 10, seed=541, rows=16, columns=16)
+    r = changing_queue(same, series, tmp_path, 0.01, recover_after=3)
+    print("Q2:", r["marks"], r["timeline"], r["regained_after"])
+    assert (r["exit"], r["complete"], r["duplicates"], r["missing"]) == (0, 30, 0, 0), r["stderr"]
+    one, three = r["marks"]["queue 1"], r["marks"]["queue 3"]
+    # Down at once: the first cut after the queue shrank is no more than a few completes later, to 1.
+    after_one = [(done, limit) for done, limit, _ in r["timeline"] if done >= one]
+    assert after_one and after_one[0][0] <= one + 3, r["timeline"]
+    assert min(limit for done, limit in after_one if done < three) == 1, r["timeline"]
+    # Back up: limit 3 again within 2 × recover_after (+ one for the complete in flight) after the queue grew.
+    assert r["regained_after"] is not None and r["regained_after"] <= 2 * 3 + 1, r["timeline"]
