@@ -102,7 +102,7 @@ def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | No
     for row in report["series"]:
         if row["state"] == "failed":
             err.print(f"  failed {row['SeriesInstanceUID']}: {row['reason']}", markup=False, highlight=False)
-        for step in ("anonymized", "tags", "export"):
+        for step in ("anonymized", "tags", "export", "nifti"):
             if (row.get(step) or {}).get("state") == "failed":
                 err.print(f"  {step} failed {row['SeriesInstanceUID']}: {row[step]['reason']}", markup=False)
     for step, c in report.get("steps", {}).items():

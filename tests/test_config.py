@@ -499,4 +499,5 @@ def test_config_type_has_the_agreed_fields():
         "anonymize",
         "path",
         "base_dir",
+        "nifti",
     ]
