@@ -2,7 +2,8 @@
 
 The header names DICOM keywords. A row with a SeriesInstanceUID is one series; a row with
 a StudyInstanceUID and no SeriesInstanceUID is a whole study. Other DICOM keyword columns
-(a `find` manifest's Modality, StudyDate, ...) are accepted and ignored. UTF-8 with or
+(a `find` manifest's Modality, StudyDate, ...) and `(gggg,eeee)` tag columns (`find --fields`)
+are accepted and ignored. UTF-8 with or
 without BOM; `,` or `;` (whichever the header line uses). The file is streamed line by
 line, so neither a large batch nor a large file of garbage is held in memory.
 PatientID values never appear in an error message.
@@ -94,9 +95,12 @@ _COMMON = frozenset(
 )
 
 
+TAG_COLUMN = re.compile(r"\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)")  # `(gggg,eeee)`, as `find --fields` writes
+
+
 def is_keyword(name: str) -> bool:
-    """Whether `name` is a DICOM keyword (exact spelling)."""
-    if name in _COMMON:
+    """Whether `name` is a DICOM keyword (exact spelling) or a `(gggg,eeee)` tag column."""
+    if name in _COMMON or TAG_COLUMN.fullmatch(name):
         return True
     from pydicom.datadict import keyword_dict
 

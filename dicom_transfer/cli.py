@@ -103,7 +103,7 @@ def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | No
     for row in failed_rows(report):  # not the whole list: a batch may have 10^6 series
         if row["state"] == "failed":
             err.print(f"  failed {row['SeriesInstanceUID']}: {row['reason']}", markup=False, highlight=False)
-        for step in ("anonymized", "tags", "export"):
+        for step in ("anonymized", "tags", "export", "nifti"):
             if (row.get(step) or {}).get("state") == "failed":
                 err.print(f"  {step} failed {row['SeriesInstanceUID']}: {row[step]['reason']}", markup=False)
     for step, c in report.get("steps", {}).items():
@@ -241,13 +241,57 @@ def demo(
     raise typer.Exit(code)
 
 
+class _ImageProgress:
+    """The ImageType checks of `find`: a rich bar on a terminal, else a line every PROGRESS_EVERY_S."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.last = 0.0
+        self.seen = (0, 0)
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        return self.update
+
+    def update(self, done: int, due: int) -> None:
+        self.seen = (done, due)
+        if self.quiet:
+            return
+        if self.bar is None and sys.stderr.isatty():
+            self.bar = Progress(
+                TextColumn("[bold]ImageType (IMAGE-level C-FIND)"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=err,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("image", total=due)
+        if self.bar is not None:
+            self.bar.update(self.task, total=due, completed=done)
+        elif done == 0 and due and not self.last or time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.monotonic()
+            err.print(f"ImageType: {done}/{due} series checked (one IMAGE-level C-FIND each)", markup=False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif not self.quiet and self.seen[1]:
+            err.print(f"ImageType: {self.seen[0]}/{self.seen[1]} series checked", markup=False)
+
+
 @app.command()
 def find(
     query: Path = typer.Option(..., "--query", help="CSV of query rows (header: DICOM keywords such as StudyDate)."),
     out: Path = typer.Option(..., "--out", help="The series manifest CSV to write (accepted by --batch)."),
     config: Path | None = typer.Option(None, "--config", help="transfer.yaml (source, local Orthanc, filter)."),
     allow_wildcards: bool = typer.Option(False, "--allow-wildcards", help="Accept '*' and '?' in text columns."),
-    show_phi: bool = typer.Option(False, "--show-phi", help="Add a PatientID column to the manifest."),
+    show_phi: bool = typer.Option(
+        False, "--show-phi", help="Add a PatientID column to the manifest; allow patient data in --fields."
+    ),
+    fields: str | None = typer.Option(
+        None, "--fields",
+        help="Extra manifest columns, values as the source answers: Keyword,(gggg,eeee),..."
+        " (patient data only with --show-phi).",
+    ),  # fmt: skip
     max_answers: int | None = typer.Option(
         None, "--max-answers", min=1, help="The source truncates silently at N answers: treat N answers as cut."
     ),
@@ -255,16 +299,23 @@ def find(
     json_out: bool = typer.Option(False, "--json", help="Print the totals as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
-    """Query the source (STUDY, then SERIES level) and write a series manifest for --batch."""
+    """Query the source (STUDY, then SERIES level) and write a series manifest for --batch.
+
+    Query columns: PatientID, PatientName (exact; names are stored inconsistently: prefer
+    PatientID), StudyDate, StudyTime, AccessionNumber, StudyInstanceUID, SeriesInstanceUID,
+    Modality, StudyDescription, SeriesDescription, ProtocolName, PatientBirthDate, ImageType.
+    ImageType is slow: one IMAGE-level C-FIND per series found, asking every instance.
+    """
     from .find import run_find
 
     logs.configure(quiet=quiet or json_out or sys.stderr.isatty())
     try:
         cfg = _load(config)
-        outcome = run_find(
-            cfg, query, out, allow_wildcards=allow_wildcards, show_phi=show_phi,
-            max_answers=max_answers, journal=journal,
-        )  # fmt: skip
+        with _ImageProgress(quiet or json_out) as on_image_check:
+            outcome = run_find(
+                cfg, query, out, allow_wildcards=allow_wildcards, show_phi=show_phi,
+                max_answers=max_answers, journal=journal, fields=fields, on_image_check=on_image_check,
+            )  # fmt: skip
     except BatchError as exc:
         err.print(exc.render(), markup=False, highlight=False)
         err.print(f"error: {exc.total} problem(s) in the query file; nothing was written", markup=False)
@@ -285,6 +336,8 @@ def find(
         f"C-FIND: {summary['queries']} queries, {summary['refused'] + summary['full']} answer sets too large"
         f" (split {summary['splits']} times)"
     )
+    if summary["image_type_left_out"]:
+        typer.echo(f"ImageType: {summary['image_type_left_out']} series without a matching instance left out")
     for key, n in summary["unverified"].items():
         err.print(f"warning: the source did not return {key} for {n} series: kept without checking it", markup=False)
     for warning in summary["warnings"]:

@@ -148,6 +148,7 @@ class Config:
     anonymize: Mapping[str, Any] | None
     path: Path | None
     base_dir: Path
+    nifti: Mapping[str, Any] | None = None
 
     def destination_url(self) -> str:
         """The destination's REST url: `destination.url`, or the local Orthanc's."""
@@ -200,6 +201,7 @@ def config_summary(cfg: Config) -> dict[str, Any]:
         "export": cfg.export is not None,
         "tags": cfg.tags is not None,
         "anonymize": cfg.anonymize is not None,
+        "nifti": cfg.nifti is not None,
     }
 
 
@@ -580,6 +582,7 @@ _SPEC: Spec = {
     "export": _free_mapping,
     "tags": _free_mapping,
     "anonymize": _free_mapping,
+    "nifti": _free_mapping,
 }
 
 _NULLABLE_SECTIONS = ("window",)  # null means "off"; other sections' null means "defaults"
@@ -737,6 +740,7 @@ def load_config(
         export=values.get("export"),
         tags=values.get("tags"),
         anonymize=values.get("anonymize"),
+        nifti=values.get("nifti"),
         path=file,
         base_dir=file.parent if file is not None else Path.cwd(),
     )

@@ -24,7 +24,7 @@ import datetime as dt
 import difflib
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from pydicom.datadict import keyword_dict
 from .batch import Lines, Problems, Unreadable, first_line, is_valid_uid, quoted, read_checked, suggest_keyword
 from .config import Config, FilterConfig
 from .errors import DicomTransferError, OrthancError, Unreachable
+from .fields import Field, FieldsError, parse_fields
 from .journal import Journal
 from .orthanc import LocalOrthanc, dimse_from_error, positive_int
 from .states import State
@@ -45,6 +46,7 @@ log = structlog.get_logger("dicom_transfer")
 
 STUDY_KEYS = (
     "PatientID",
+    "PatientName",
     "StudyDate",
     "StudyTime",
     "AccessionNumber",
@@ -55,6 +57,7 @@ STUDY_KEYS = (
 SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesDescription", "ProtocolName")
 QUERY_KEYS = (
     "PatientID",
+    "PatientName",
     "StudyDate",
     "StudyTime",
     "AccessionNumber",
@@ -65,13 +68,16 @@ QUERY_KEYS = (
     "SeriesDescription",
     "ProtocolName",
     "PatientBirthDate",
+    "ImageType",
 )
 # Keys that narrow a row to part of the PACS. StudyTime, Modality, SeriesDescription and
 # ProtocolName alone would make the study query ask for every study there is.
-NARROWING = tuple(k for k in QUERY_KEYS if k not in ("StudyTime", "Modality", "SeriesDescription", "ProtocolName"))
-PHI_KEYS = frozenset({"PatientID", "PatientBirthDate"})  # values never quoted
-_MAX_LENGTH = {  # by VR: LO 64, SH 16, CS 16
+_NOT_NARROWING = ("StudyTime", "Modality", "SeriesDescription", "ProtocolName", "ImageType")
+NARROWING = tuple(k for k in QUERY_KEYS if k not in _NOT_NARROWING)
+PHI_KEYS = frozenset({"PatientID", "PatientName", "PatientBirthDate"})  # values never quoted
+_MAX_LENGTH = {  # by VR: LO 64, SH 16, CS 16, PN 64 per component group
     "PatientID": 64,
+    "PatientName": 64,
     "AccessionNumber": 16,
     "Modality": 16,
     "StudyDescription": 64,
@@ -140,6 +146,21 @@ def _check_range(text: str, parse: Any, kind: str, form: str, phi: bool) -> str 
     return None
 
 
+def _check_image_type(value: str, allow_wildcards: bool) -> tuple[str, str | None]:
+    """ImageType: one or more CS values separated by a backslash, each required of an instance."""
+    values = [v.strip() for v in value.split("\\")]
+    for v in values:
+        if not v:
+            return value, f"{quoted(value)} has an empty value (values are separated by a single backslash)"
+        if len(v) > 16:
+            return value, f"{quoted(v)} is longer than 16 characters (a CS value)"
+        if not re.fullmatch(r"[A-Za-z0-9 _*?]+", v):
+            return value, f"{quoted(v)} is not an ImageType value (letters, digits, '_', space)"
+        if not allow_wildcards and any(w in v for w in _WILDCARDS):
+            return value, f"wildcards ('*', '?') need --allow-wildcards ({quoted(value)})"
+    return "\\".join(v.upper() for v in values), None  # CS values are upper case
+
+
 def _check_text(key: str, value: str, allow_wildcards: bool) -> str | None:
     shown = "" if key in PHI_KEYS else f" ({quoted(value)})"
     if "\\" in value:
@@ -166,6 +187,8 @@ def check_cell(key: str, value: str, allow_wildcards: bool) -> tuple[str, str | 
         return value, _check_range(value, parse_date, "date", "YYYYMMDD", key in PHI_KEYS)
     if key == "StudyTime":
         return value, _check_range(value, time_seconds, "time", "HHMMSS", False)
+    if key == "ImageType":
+        return _check_image_type(value, allow_wildcards)
     problem = _check_text(key, value, allow_wildcards)
     if key == "Modality":
         value = value.upper()  # CS values are upper case; "ct" means CT
@@ -181,8 +204,6 @@ def _suggest(name: str) -> str | None:
 
 
 def _column_problem(name: str) -> str:
-    if name == "PatientName":
-        return "PatientName cannot be queried (names are not stored consistently): use PatientID"
     if name == "ModalitiesInStudy":
         return "ModalitiesInStudy is not a query column (PACS answer it short): use Modality"
     if name in keyword_dict:
@@ -382,6 +403,7 @@ class FoundSeries:
     instances: int | None  # NumberOfSeriesRelatedInstances; None when the PACS gives none
     patient_id: str | None
     line: int  # the query row that found it first
+    extra: tuple[str, ...] = ()  # the `--fields` values, in their order
 
 
 @dataclass
@@ -395,6 +417,7 @@ class FindStats:
     dropped: int = 0  # answers that did not match on a second look here
     invalid: int = 0  # answers without a valid UID
     duplicates: int = 0  # series found again by a later row
+    image_type_left_out: int = 0  # series without an instance of the row's ImageType
     unverified: dict[str, int] = field(default_factory=dict)  # key → series the PACS did not echo it for
     warnings: list[str] = field(default_factory=list)
 
@@ -439,6 +462,11 @@ def _text(answer: Mapping[str, Any], key: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def _field_value(series: Mapping[str, Any], study: Mapping[str, Any], field: Field) -> str:
+    """A `--fields` value as the source answered it: the series answer's, else the study answer's."""
+    return _text(series, field.tag) or _text(study, field.tag)
+
+
 class Finder:
     """Runs query rows against the source through the local Orthanc."""
 
@@ -450,12 +478,18 @@ class Finder:
         *,
         max_answers: int | None = None,
         label: str = "query",
+        fields: tuple[Field, ...] = (),
+        on_image_check: Callable[[int, int], None] | None = None,
     ) -> None:
         self.local = local
         self.modality = modality
         self.series_filter = series_filter or FilterConfig()
         self.max_answers = max_answers
         self.label = label
+        self.fields = fields
+        self.on_image_check = on_image_check  # (series checked, series to check so far)
+        self.image_checked = 0
+        self.image_due = 0
         self.stats = FindStats()
 
     def run(self, rows: Iterable[QueryRow]) -> FindResult:
@@ -489,11 +523,18 @@ class Finder:
 
     # -- C-FIND ------------------------------------------------------------------------
 
-    def _ask(self, row: QueryRow, level: str, query: dict[str, str]) -> list[dict[str, Any]]:
-        """One C-FIND; raises _Truncated when the answer set is refused or may be short."""
+    def _ask(self, row: QueryRow, level: str, query: dict[str, str], *, exact: bool = False) -> list[dict[str, Any]]:
+        """One C-FIND; raises _Truncated when the answer set is refused or may be short.
+
+        `exact` sends every key as given (Orthanc would drop non-main tags) and keys the
+        answers by tag too.
+        """
         self.stats.queries += 1
         try:
-            _, answers = self.local.query(self.modality, level, query)
+            if exact:
+                _, answers = self.local.query(self.modality, level, query, normalize=False)
+            else:
+                _, answers = self.local.query(self.modality, level, query)
         except Unreachable:
             raise
         except OrthancError as exc:
@@ -525,13 +566,14 @@ class Finder:
     def _studies(self, row: QueryRow, filters: dict[str, str]) -> list[dict[str, Any]]:
         """STUDY-level answers for the row, splitting the query until no set is short."""
         base = {"StudyInstanceUID": "", "StudyDate": "", "StudyTime": "", "PatientID": ""}
+        base.update({f.query_key: "" for f in self.fields})
         base.update({k: v for k, v in filters.items() if k in STUDY_KEYS})
         pending = [base]
         studies: dict[str, dict[str, Any]] = {}
         while pending:
             query = pending.pop()
             try:
-                answers = self._ask(row, "Study", query)
+                answers = self._ask(row, "Study", query, exact=bool(self.fields))
             except _Truncated as exc:
                 halves = self._split(row, query, exc.why)
                 pending.extend(reversed(halves))
@@ -606,9 +648,10 @@ class Finder:
             "ProtocolName": filters.get("ProtocolName", ""),
             "SeriesNumber": "",
             "NumberOfSeriesRelatedInstances": "",
+            **{f.query_key: "" for f in self.fields},
         }
         try:
-            answers = self._ask(row, "Series", query)
+            answers = self._ask(row, "Series", query, exact=bool(self.fields))
         except _Truncated as exc:
             raise FindError(
                 f"{self._where(row)}: study {study_uid} has too many series for one answer set ({exc.why});"
@@ -623,6 +666,8 @@ class Finder:
                 found.append((positive_int(answer.get("SeriesNumber")) or 0, uid, answer))
             else:
                 self.stats.dropped += 1
+        if "ImageType" in filters:
+            found = self._with_image_type(row, study_uid, filters["ImageType"], found)
         patient = _text(study, "PatientID") or None
         return [
             FoundSeries(
@@ -634,9 +679,62 @@ class Finder:
                 instances=positive_int(a.get("NumberOfSeriesRelatedInstances")),
                 patient_id=patient,
                 line=row.line,
+                extra=tuple(_field_value(a, study, f) for f in self.fields),
             )
             for _, uid, a in sorted(found, key=lambda f: (f[0], f[1]))
         ]
+
+    # -- ImageType: an IMAGE-level C-FIND per series ------------------------------------------------
+
+    def _with_image_type(
+        self, row: QueryRow, study_uid: str, wanted: str, found: list[tuple[int, str, dict[str, Any]]]
+    ) -> list[tuple[int, str, dict[str, Any]]]:
+        """The series with at least one instance whose ImageType has every wanted value."""
+        self.image_due += len(found)
+        self._image_progress()
+        kept = []
+        for item in found:
+            verdict = self._image_type_matches(row, study_uid, item[1], wanted)
+            self.image_checked += 1
+            self._image_progress()
+            if verdict is None:
+                self.stats.unverified["ImageType"] = self.stats.unverified.get("ImageType", 0) + 1
+                kept.append(item)
+            elif verdict:
+                kept.append(item)
+            else:
+                self.stats.image_type_left_out += 1
+        return kept
+
+    def _image_progress(self) -> None:
+        if self.on_image_check is not None:
+            self.on_image_check(self.image_checked, self.image_due)
+
+    def _image_type_matches(self, row: QueryRow, study_uid: str, series_uid: str, wanted: str) -> bool | None:
+        """True/False by the instances' ImageType; None when the source answered none of them.
+
+        The source is asked for every instance's ImageType and the match is made here: PACS
+        differ in matching multi-valued CS (Orthanc 1.10.1 finds no instance for an exact
+        `ORIGINAL\\PRIMARY\\AXIAL`, 1.12.7 does).
+        """
+        query = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": "", "ImageType": ""}
+        try:
+            answers = self._ask(row, "Instance", query, exact=True)
+        except _Truncated as exc:
+            raise FindError(
+                f"{self._where(row)}: series {series_uid} has too many instances for one IMAGE-level answer set"
+                f" ({exc.why}); ImageType cannot be checked: raise the PACS's answer limit"
+            ) from exc
+        patterns = [_glob(w) for w in wanted.split("\\")]
+        seen_any = False
+        for answer in answers:
+            if _text(answer, "SeriesInstanceUID") not in ("", series_uid):
+                continue
+            values = [v.strip() for v in _text(answer, "ImageType").split("\\") if v.strip()]
+            seen_any = seen_any or bool(values)
+            if all(any(p.fullmatch(v) for v in values) for p in patterns):
+                return True
+        return False if seen_any else None
 
     def _series_matches(self, filters: dict[str, str], study_uid: str, answer: Mapping[str, Any]) -> bool:
         echoed_study = _text(answer, "StudyInstanceUID")
@@ -673,8 +771,14 @@ def _cell(value: str | None) -> str:
     return " ".join((value or "").split())  # no line breaks inside a manifest cell
 
 
-def write_manifest(series: Iterable[FoundSeries], path: Path, *, show_phi: bool = False) -> int:
-    """Write the manifest CSV atomically (temporary file, then rename); returns its rows."""
+def write_manifest(
+    series: Iterable[FoundSeries], path: Path, *, show_phi: bool = False, fields: tuple[Field, ...] = ()
+) -> int:
+    """Write the manifest CSV atomically (temporary file, then rename); returns its rows.
+
+    `fields` add their columns after the standard ones (a private tag's header is `(gggg,eeee)`).
+    """
+    patient_column = show_phi and not any(f.header == "PatientID" for f in fields)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -682,11 +786,13 @@ def write_manifest(series: Iterable[FoundSeries], path: Path, *, show_phi: bool 
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow([*MANIFEST_COLUMNS, *(["PatientID"] if show_phi else [])])
+            header = [*MANIFEST_COLUMNS, *(f.header for f in fields)]
+            writer.writerow([*header, "PatientID"] if patient_column else header)
             for s in series:
                 cells = [s.series_uid, s.study_uid, _cell(s.modality), _cell(s.study_date), _cell(s.description)]
                 cells.append("" if s.instances is None else str(s.instances))
-                if show_phi:
+                cells.extend(_cell(v) for v in s.extra)
+                if patient_column:
                     cells.append(_cell(s.patient_id))
                 writer.writerow(cells)
                 n += 1
@@ -762,6 +868,7 @@ class FindOutcome:
             "dropped": s.dropped,
             "invalid": s.invalid,
             "duplicates": s.duplicates,
+            "image_type_left_out": s.image_type_left_out,
             "unverified": dict(s.unverified),
             "warnings": list(s.warnings),
             "manifest": str(self.manifest),
@@ -796,6 +903,23 @@ def _duration(seconds: float) -> str:
     return f"~{s // 3600} h {s // 60 % 60:02d} min"
 
 
+NAME_WARNING = (
+    "PatientName matches only names written the way the row writes them: names are stored"
+    " inconsistently (DOE^JOHN, Doe^John, DOE^JOHN^^DR, with or without a middle name) and some"
+    " PACS match case-sensitively; a series under another spelling is not found. Prefer PatientID"
+)
+
+
+def _warn_names_and_fields(rows: list[QueryRow], fields: tuple[Field, ...], result: FindResult) -> None:
+    warnings = result.stats.warnings
+    if any(row.get("PatientName") for row in rows):
+        warnings.append(NAME_WARNING)
+    for i, f in enumerate(fields):
+        if result.series and not any(s.extra[i] for s in result.series):
+            why = " (Orthanc's REST API answers private tags without their value)" if f.private else ""
+            warnings.append(f"--fields {f.header}: the source answered no value for any series{why}")
+
+
 def run_find(
     cfg: Config,
     query: Path,
@@ -805,19 +929,33 @@ def run_find(
     show_phi: bool = False,
     max_answers: int | None = None,
     journal: Path | None = None,
+    fields: str | None = None,
+    on_image_check: Callable[[int, int], None] | None = None,
 ) -> FindOutcome:
-    """The `find` command: validate, query, write the manifest, estimate. Bad input writes nothing."""
+    """The `find` command: validate, query, write the manifest, estimate. Bad input writes nothing.
+
+    `fields` is `--fields` (`Keyword,(gggg,eeee),...`); `on_image_check(done, due)` follows
+    the IMAGE-level C-FINDs an ImageType column costs.
+    """
     if Path(out).resolve() == Path(query).resolve():
         raise FindInputError("--out: the manifest would overwrite the query file")
+    try:
+        chosen = parse_fields(fields, show_phi=show_phi, skip=MANIFEST_COLUMNS)
+    except FieldsError as exc:
+        raise FindInputError(str(exc)) from None
     rows = read_query(query, allow_wildcards=allow_wildcards)
     rate = measured_rate(journal) if journal is not None else None
     local = open_local(cfg)
     try:
-        finder = Finder(local, cfg.source.modality, cfg.filter, max_answers=max_answers, label=str(query))
+        finder = Finder(
+            local, cfg.source.modality, cfg.filter, max_answers=max_answers, label=str(query),
+            fields=chosen, on_image_check=on_image_check,
+        )  # fmt: skip
         result = finder.run(rows)
     finally:
         local.close()
-    write_manifest(result.series, out, show_phi=show_phi)
+    _warn_names_and_fields(rows, chosen, result)
+    write_manifest(result.series, out, show_phi=show_phi, fields=chosen)
     seconds, note = _estimate(result, journal, rate)
     log.info("find.done", rows=result.rows, studies=result.studies, series=len(result.series),
              queries=result.stats.queries, splits=result.stats.splits)  # fmt: skip

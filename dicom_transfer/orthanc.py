@@ -544,6 +544,20 @@ def positive_int(value: Any) -> int | None:
     return n if n > 0 else None
 
 
+def _by_keyword_and_tag(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer in Orthanc's full format → values by keyword and by `gggg,eeee` (strings only)."""
+    out: dict[str, Any] = {}
+    for tag, item in answer.items():
+        if not isinstance(item, dict) or item.get("Type") not in ("String", "Null"):
+            continue  # sequences and binary values are not manifest cells
+        value = item.get("Value")
+        out[tag.lower()] = value
+        name = item.get("Name")
+        if isinstance(name, str) and name.isidentifier():  # not "Unknown Tag & Data"
+            out.setdefault(name, value)
+    return out
+
+
 class LocalOrthanc(OrthancRest):
     """The Orthanc that speaks DICOM for us (SCU of C-ECHO, C-FIND, C-MOVE)."""
 
@@ -558,15 +572,26 @@ class LocalOrthanc(OrthancRest):
         """`PUT /modalities/{name}`: idempotent, so safe to repeat."""
         self.put(f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port})
 
-    def query(self, modality: str, level: str, query: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
+    def query(
+        self, modality: str, level: str, query: dict[str, str], *, normalize: bool = True
+    ) -> tuple[str, list[dict[str, Any]]]:
         """C-FIND; returns the query id and its answers (simplified tags).
 
-        A repeated C-FIND is harmless, so the POST is retried as idempotent.
+        `normalize=False` sends every key as given: Orthanc otherwise drops keys that are
+        not its main tags of the level (ImageType at IMAGE level, SliceThickness, private
+        tags; checked on 1.10.1 and 1.12.7). Its answers are then keyed by keyword and by
+        tag (`0018,0050`) alike. A repeated C-FIND is harmless: the POST is retried as idempotent.
         """
-        created = self.post(f"/modalities/{modality}/query", {"Level": level, "Query": query})
+        body: dict[str, Any] = {"Level": level, "Query": query}
+        if not normalize:
+            body["Normalize"] = False
+        created = self.post(f"/modalities/{modality}/query", body)
         qid = created["ID"]
-        answers = self.get(f"/queries/{qid}/answers", params={"expand": "", "simplify": ""})
-        return qid, list(answers)
+        if normalize:
+            answers = self.get(f"/queries/{qid}/answers", params={"expand": "", "simplify": ""})
+            return qid, list(answers)
+        full = self.get(f"/queries/{qid}/answers", params={"expand": ""})
+        return qid, [_by_keyword_and_tag(a) for a in full]
 
     def find_series(
         self, modality: str, series_uid: str | None, study_uid: str | None = None

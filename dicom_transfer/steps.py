@@ -1,9 +1,9 @@
-"""After-arrival steps on each verified series: anonymise, tags CSV, export (each optional).
+"""After-arrival steps on each verified series: anonymise, tags CSV, export, NIfTI (each optional).
 
-`validate(cfg)` checks the `export`, `tags` and `anonymize` sections (every error names its
-key path). `AfterArrivalSteps` is the scheduler's `AfterArrival`: `run(uid)` takes one
-complete series through the enabled steps in the order anonymize → tags → export (tags and
-export read the anonymised copy when anonymize is on), `pending()` lists complete series
+`validate(cfg)` checks the `export`, `tags`, `anonymize` and `nifti` sections (every error
+names its key path). `AfterArrivalSteps` is the scheduler's `AfterArrival`: `run(uid)` takes
+one complete series through the enabled steps in the order anonymize → tags → export →
+nifti (the others read the anonymised copy when anonymize is on), `pending()` lists complete series
 with a step not done. Per-series step state lives in the journal's database (`steps`
 table, one transaction per state change, plus an `events` row for done/failed), so every
 step is resumable and idempotent. A step that cannot finish is recorded `failed` with its
@@ -42,6 +42,7 @@ from .config import Config
 from .errors import ConfigError, OrthancError, Unreachable
 from .export import DEFAULT_TEMPLATE, ExportSettings, SeriesExport, StepFailed, TemplateError, parse_template
 from .journal import Journal
+from .nifti import DEFAULT_NAME, INSTALL_HINT, TOOLS, NiftiSettings, SeriesNifti, find_tool, patient_keywords
 from .orthanc import Destination
 from .scheduler import short_uid
 from .states import State
@@ -49,15 +50,15 @@ from .tags import LEVELS, TagsFile, TagsSettings, encode_rows, parse_columns, ro
 
 log = structlog.get_logger("dicom_transfer")
 
-ANONYMIZE, TAGS, EXPORT = "anonymize", "tags", "export"
-STEP_ORDER = (ANONYMIZE, TAGS, EXPORT)
-REPORT_KEYS = {ANONYMIZE: "anonymized", TAGS: "tags", EXPORT: "export"}  # keys of a report row
+ANONYMIZE, TAGS, EXPORT, NIFTI = "anonymize", "tags", "export", "nifti"
+STEP_ORDER = (ANONYMIZE, TAGS, EXPORT, NIFTI)
+REPORT_KEYS = {ANONYMIZE: "anonymized", TAGS: "tags", EXPORT: "export", NIFTI: "nifti"}  # keys of a report row
 STATES = ("pending", "running", "done", "failed")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS steps (
     uid TEXT NOT NULL,                  -- the original SeriesInstanceUID
-    step TEXT NOT NULL,                 -- anonymize | tags | export
+    step TEXT NOT NULL,                 -- anonymize | tags | export | nifti
     state TEXT NOT NULL,                -- pending | running | done | failed
     fingerprint TEXT,                   -- the settings it last ran with
     reason TEXT,                        -- why it failed (never patient data)
@@ -87,15 +88,16 @@ def ensure_schema(db: sqlite3.Connection) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    """The checked `export`, `tags` and `anonymize` sections (None = off)."""
+    """The checked `export`, `tags`, `anonymize` and `nifti` sections (None = off)."""
 
     export: ExportSettings | None = None
     tags: TagsSettings | None = None
     anonymize: AnonymizeSettings | None = None
+    nifti: NiftiSettings | None = None
 
     @property
     def enabled(self) -> tuple[str, ...]:
-        on = {ANONYMIZE: self.anonymize, TAGS: self.tags, EXPORT: self.export}
+        on = {ANONYMIZE: self.anonymize, TAGS: self.tags, EXPORT: self.export, NIFTI: self.nifti}
         return tuple(step for step in STEP_ORDER if on[step] is not None)
 
     def fingerprints(self) -> dict[str, str]:
@@ -107,6 +109,8 @@ class Settings:
             parts[TAGS] = {**self.tags.fingerprint(), "anonymized": anonymized}
         if self.export is not None:
             parts[EXPORT] = {**self.export.fingerprint(), "anonymized": anonymized}
+        if self.nifti is not None:
+            parts[NIFTI] = {**self.nifti.fingerprint(), "anonymized": anonymized}
         return {
             step: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
             for step, value in parts.items()
@@ -199,10 +203,36 @@ def _anonymize_settings(cfg: Config, raw: Mapping[str, Any]) -> AnonymizeSetting
     return AnonymizeSettings(lookup, keep, replace, delete)
 
 
+def _nifti_settings(cfg: Config, raw: Mapping[str, Any]) -> NiftiSettings:
+    _check_keys(cfg, "nifti", raw, ("dir", "tool", "path", "compress"))
+    root = _path(cfg, "nifti.dir", raw.get("dir"), "the folder the NIfTI files go to")
+    if root.exists() and not root.is_dir():
+        raise _error(cfg, "nifti.dir", "exists and is not a folder")
+    tool = raw.get("tool", "dcm2niix")
+    if tool not in TOOLS:
+        raise _error(cfg, "nifti.tool", f"must be {' or '.join(TOOLS)}, got {tool!r}")
+    executable = find_tool(tool)
+    if executable is None:
+        raise _error(cfg, "nifti.tool", f"{tool} is not installed (not found on PATH): {INSTALL_HINT}")
+    try:
+        template = parse_template(raw.get("path") if raw.get("path") is not None else DEFAULT_NAME)
+    except TemplateError as exc:
+        raise _error(cfg, "nifti.path", str(exc)) from None
+    phi = patient_keywords(template)
+    if phi:
+        raise _error(cfg, "nifti.path", f"{', '.join(phi)} is patient data: NIfTI file names must not carry it")
+    compress = _bool(cfg, "nifti.compress", raw.get("compress"), True)
+    return NiftiSettings(root, tool, executable, template, compress)
+
+
 def settings_of(cfg: Config) -> Settings:
     """The checked step settings of `cfg`; raises ConfigError naming the key path."""
     sections: dict[str, Any] = {}
-    for name, build in (("export", _export_settings), ("tags", _tags_settings), ("anonymize", _anonymize_settings)):
+    builders = (
+        ("export", _export_settings), ("tags", _tags_settings), ("anonymize", _anonymize_settings),
+        ("nifti", _nifti_settings),
+    )  # fmt: skip
+    for name, build in builders:
         raw = getattr(cfg, name)
         if raw is None:
             continue
@@ -223,6 +253,8 @@ def _cross_check(cfg: Config, s: Settings) -> None:
         raise _error(cfg, "anonymize.lookup", "must not be inside export.dir: the export would carry the key")
     if s.anonymize is not None and s.tags is not None and s.tags.file == s.anonymize.lookup:
         raise _error(cfg, "tags.file", "must not be the lookup table's file")
+    if s.anonymize is not None and s.nifti is not None and _inside(s.anonymize.lookup, s.nifti.root):
+        raise _error(cfg, "anonymize.lookup", "must not be inside nifti.dir: the NIfTI folder would carry the key")
 
 
 def validate(cfg: Config) -> None:
@@ -294,6 +326,7 @@ class AfterArrivalSteps:
         self.anonymizer: SeriesAnonymizer | None = None
         self.exporter: SeriesExport | None = None
         self.tags_file: TagsFile | None = None
+        self.niftier: SeriesNifti | None = None
         s = self.settings
         if s.anonymize is not None:
             try:
@@ -303,6 +336,8 @@ class AfterArrivalSteps:
             self.anonymizer = SeriesAnonymizer(dest, s.anonymize, lookup, timeout_s=cfg.transfer.move_timeout_s)
         if s.export is not None:
             self.exporter = SeriesExport(self.db, dest, s.export, stop=self.stopping)
+        if s.nifti is not None:
+            self.niftier = SeriesNifti(dest, s.nifti, timeout_s=cfg.transfer.move_timeout_s, stop=self.stopping)
         if s.tags is not None:
             self.tags_file = TagsFile(self.db, s.tags, self.fingerprints[TAGS])
             self.tags_file.open()  # before pending(): a rebuilt file makes every series due again
@@ -390,6 +425,8 @@ class AfterArrivalSteps:
                 detail = self._anonymize(uid, row, previous)
             elif step == TAGS:
                 detail = self._tags(uid, current, cache)
+            elif step == NIFTI:
+                detail = self._nifti(uid, current, cache)
             else:
                 detail = self._export(uid, previous, current, cache)
         except Unreachable:
@@ -458,6 +495,14 @@ class AfterArrivalSteps:
             self._finish(uid, EXPORT, detail)
         return detail
 
+    def _nifti(self, uid: str, current: dict[str, StepRow], cache: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        assert self.niftier is not None
+        sid = self._source(uid, current)
+        detail = self.niftier.run(uid, sid, self._instance_tags(sid, cache))
+        if detail is not None:
+            self._finish(uid, NIFTI, detail)
+        return detail
+
     # -- journal writes -----------------------------------------------------------------------------
 
     def _mark_running(self, uid: str, step: str, previous: StepRow | None) -> None:
@@ -515,6 +560,8 @@ class AfterArrivalSteps:
             fields.update(files=detail.get("files"), downloaded=detail.get("downloaded"))
             if self.show_phi:
                 fields["dir"] = detail.get("dir")
+        elif step == NIFTI:
+            fields.update(files=detail.get("files"), volumes=detail.get("volumes"))
         elif step == TAGS:
             fields["rows"] = detail.get("rows")
         else:
@@ -526,6 +573,8 @@ def _summary(step: str, detail: Mapping[str, Any]) -> str:
     """An event's detail for a done step: counts only (no paths, no pseudonyms)."""
     if step == EXPORT:
         return f"files={detail.get('files')} downloaded={detail.get('downloaded')}"
+    if step == NIFTI:
+        return f"files={detail.get('files')} volumes={detail.get('volumes')}"
     if step == TAGS:
         return f"rows={detail.get('rows')}"
     return f"instances={detail.get('instances')} original_deleted={detail.get('original_deleted')}"
@@ -553,6 +602,11 @@ def _report_field(step: str, row: StepRow | None, fingerprint: str, show_phi: bo
             out["dir"] = d.get("dir")
     elif step == TAGS:
         out = {"state": state, "rows": d.get("rows"), "reason": row.reason}
+    elif step == NIFTI:  # names are built without patient data (nifti.path refuses it)
+        out = {
+            "state": state, "files": d.get("files"), "volumes": d.get("volumes"), "bytes": d.get("bytes"),
+            "names": d.get("names"), "reason": row.reason,
+        }  # fmt: skip
     else:
         out = {
             "state": state,

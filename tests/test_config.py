@@ -82,9 +82,9 @@ def test_example_file_commented_sections_are_valid(tmp_path):
     """Uncommenting the example's optional sections gives a valid config with those sections on."""
     lines = []
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
-        if re.fullmatch(r"(window|export|tags|anonymize): null", line):
+        if re.fullmatch(r"(window|export|tags|anonymize|nifti): null", line):
             continue
-        if re.match(r"# (window|export|tags|anonymize):|#   ", line):
+        if re.match(r"# (window|export|tags|anonymize|nifti):|#   ", line):
             line = line[2:]
         lines.append(line)
     cfg = load_config(write(tmp_path, "\n".join(lines)), env=NO_ENV)
@@ -94,6 +94,7 @@ def test_example_file_commented_sections_are_valid(tmp_path):
     assert cfg.export is not None and cfg.export["decompress"] is False
     assert cfg.tags is not None and cfg.tags["keywords"][1]["alias"] == "thickness"
     assert cfg.anonymize is not None and cfg.anonymize["delete_original"] is False
+    assert cfg.nifti is not None and cfg.nifti["compress"] is True
 
 
 # -- values --------------------------------------------------------------------------------
@@ -499,4 +500,5 @@ def test_config_type_has_the_agreed_fields():
         "anonymize",
         "path",
         "base_dir",
+        "nifti",
     ]

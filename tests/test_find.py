@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from dicom_transfer.batch import read_batch
 from dicom_transfer.errors import BatchError, OrthancError
+from dicom_transfer.fields import FieldsError, parse_fields
 from dicom_transfer.find import (
     Finder,
     FindError,
@@ -64,9 +65,19 @@ REFUSED = [
         ],
     ),
     (
-        "StudyDate,PatientName\n20230101,DOE^J\n",
-        ["query.csv:1:2: PatientName cannot be queried (names are not stored consistently): use PatientID"],
+        "StudyDate,PatientName\n20230101,DOE^J*\n,SMITH^ANNA\n",
+        ["query.csv:2:2: PatientName: wildcards ('*', '?') need --allow-wildcards"],
     ),
+    (
+        "StudyDate,ImageType\n20230101,LOCALIZER\\\\DERIVED\n20230101,local-izer\n",
+        [
+            "query.csv:2:2: ImageType: 'LOCALIZER\\\\\\\\DERIVED' has an empty value"
+            " (values are separated by a single backslash)",
+            "query.csv:3:2: ImageType: 'local-izer' is not an ImageType value (letters, digits, '_', space)",
+        ],
+    ),
+    ("ImageType\nLOCALIZER\n", ["query.csv:2:1: row filters only by ImageType: the study query would ask"
+                                " the whole PACS; add a PatientID, StudyDate, AccessionNumber or UID"]),
     (
         "StudyDate,ModalitiesInStudy\n20230101,CT\n",
         ["query.csv:1:2: ModalitiesInStudy is not a query column (PACS answer it short): use Modality"],
@@ -74,9 +85,9 @@ REFUSED = [
     (
         "StudyDate,SeriesNumber\n20230101,3\n",
         [
-            "query.csv:1:2: SeriesNumber is not a query column (query columns: PatientID, StudyDate, StudyTime,"
-            " AccessionNumber, StudyInstanceUID, SeriesInstanceUID, Modality, StudyDescription,"
-            " SeriesDescription, ProtocolName, PatientBirthDate)"
+            "query.csv:1:2: SeriesNumber is not a query column (query columns: PatientID, PatientName, StudyDate,"
+            " StudyTime, AccessionNumber, StudyInstanceUID, SeriesInstanceUID, Modality, StudyDescription,"
+            " SeriesDescription, ProtocolName, PatientBirthDate, ImageType)"
         ],
     ),
     (
@@ -422,3 +433,66 @@ def test_cli_out_must_not_be_the_query(tmp_path: Path) -> None:
     res = run_cli("find", "--query", query, "--out", query)
     assert res.returncode == 2 and "overwrite the query file" in res.stderr
     assert query.read_text() == "StudyDate\n20230101\n"
+
+
+# -- --fields and the manifest's tag columns ---------------------------------------------------------------
+
+
+def test_parse_fields_keywords_tags_and_private_headers() -> None:
+    """Keywords and (gggg,eeee) parse in order, once each; a private tag keeps its (GGGG,EEEE) header."""
+    fields = parse_fields(
+        " SliceThickness,(0008,1030) ,(0009,1001),(0018,0050),SeriesDescription", show_phi=False,
+        skip=("SeriesDescription",),
+    )  # fmt: skip
+    assert [(f.header, f.query_key, f.tag, f.private) for f in fields] == [
+        ("SliceThickness", "SliceThickness", "0018,0050", False),
+        ("(0008,1030)", "0008,1030", "0008,1030", False),
+        ("(0009,1001)", "0009,1001", "0009,1001", True),
+    ]
+    assert parse_fields(None, show_phi=False) == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("PatientName", "--fields: PatientName is patient data: it needs --show-phi"),
+        ("StudyDate,(0010,0020)", "--fields: (0010,0020) is patient data: it needs --show-phi"),
+        ("ReferringPhysicianName", "--fields: ReferringPhysicianName is patient data: it needs --show-phi"),
+        ("SliceThicknes", "--fields: unknown keyword 'SliceThicknes' (did you mean SliceThickness?)"),
+        ("(0008,1111)", "--fields: (0008,1111) holds a sequence or binary data (SQ), not a value"),
+        ("(0008,zz30)", "--fields: '(0008,zz30)' is not a tag: write (gggg,eeee) with hexadecimal digits"),
+        ("(0002,0010)", "--fields: (0002,0010) is not a data element a C-FIND can ask for"),
+        (" , ", "--fields: no field given (write e.g. --fields SliceThickness,(0020,1208))"),
+    ],
+)
+def test_parse_fields_refuses_naming_the_field(text: str, message: str) -> None:
+    """Patient data without --show-phi, unknown names, sequences and meta tags are refused naming the field."""
+    with pytest.raises(FieldsError) as info:
+        parse_fields(text, show_phi=False)
+    assert str(info.value) == message
+
+
+def test_patient_data_fields_allowed_with_show_phi() -> None:
+    """With --show-phi the Patient group and person names are columns like any other."""
+    fields = parse_fields("PatientName,(0010,0030)", show_phi=True)
+    assert [f.header for f in fields] == ["PatientName", "(0010,0030)"]
+
+
+def test_manifest_with_tag_columns_is_a_valid_batch(tmp_path: Path) -> None:
+    """A manifest with (gggg,eeee) columns is accepted by --batch; a malformed tag header is still refused."""
+    fields = parse_fields("SliceThickness,(0009,1001)", show_phi=False)
+    series = [FoundSeries(S1, ST, "CT", "20230101", "axial", 3, None, 2, extra=("2.5", ""))]
+    out = tmp_path / "m.csv"
+    write_manifest(series, out, fields=fields)
+    assert out.read_text().splitlines() == [
+        "SeriesInstanceUID,StudyInstanceUID,Modality,StudyDate,SeriesDescription,NumberOfSeriesRelatedInstances,"
+        'SliceThickness,"(0009,1001)"',  # quoted: the header holds the delimiter
+        f"{S1},{ST},CT,20230101,axial,3,2.5,",
+    ]
+    assert [r.series_uid for r in read_batch(out)] == [S1]
+    bad = write(tmp_path, f'SeriesInstanceUID,"(0009,10)"\n{S1},x\n', name="bad.csv")
+    with pytest.raises(BatchError) as info:
+        read_batch(bad)
+    assert [str(p).removeprefix(f"{tmp_path}/") for p in info.value.problems] == [
+        "bad.csv:1:2: unknown column '(0009,10)' (not a DICOM keyword)"
+    ]

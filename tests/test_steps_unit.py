@@ -391,11 +391,11 @@ def test_example_file_sections_validate(tmp_path: Path):
     example = Path(__file__).resolve().parent.parent / "conf" / "transfer.example.yaml"
     lines = []
     for line in example.read_text(encoding="utf-8").splitlines():
-        if re.fullmatch(r"(window|export|tags|anonymize): null", line):
+        if re.fullmatch(r"(window|export|tags|anonymize|nifti): null", line):
             continue
-        if re.match(r"# (window|export|tags|anonymize):|#   ", line):
+        if re.match(r"# (window|export|tags|anonymize|nifti):|#   ", line):
             line = line[2:]
         lines.append(line)
     cfg = config(tmp_path, "\n".join(lines))
     validate(cfg)
-    assert settings_of(cfg).enabled == ("anonymize", "tags", "export")
+    assert settings_of(cfg).enabled == ("anonymize", "tags", "export", "nifti")  # dcm2niix: .ci/setup --tests
