@@ -26,7 +26,6 @@ import contextlib
 import cProfile
 import datetime as dt
 import io
-import json
 import os
 import pstats
 import re
@@ -38,6 +37,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,20 +161,29 @@ def run_ours(
     return elapsed, got
 
 
-def run_cli(config: Path, batch: Path, journal: Path, n: int) -> float:
+def run_cli(config: Path, batch: Path, journal: Path, n: int) -> tuple[float, float]:
+    """(b) as a user runs it: `main.py --batch ... --config ...`, no `--json`, stderr (the log lines) to a file.
+
+    Returns the wall time and the move phase (first move issued → last series proven, journal clock).
+    """
     _fresh(journal)
     cmd = [sys.executable, str(REPO / "main.py"), "--batch", str(batch), "--config", str(config),
-           "--journal", str(journal), "--json"]  # fmt: skip
+           "--journal", str(journal)]  # fmt: skip
     env = {**os.environ, "TCP_NODELAY": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - t0
+    log = journal.with_name("cli-stderr.log")
+    with open(log, "w") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, check=False)
+        elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"(b, CLI) exit {proc.returncode}:\n{proc.stderr[-2000:]}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    if summary["complete"] != n:
-        raise SystemExit(f"(b, CLI) did not complete: {summary}")
-    return elapsed
+        raise SystemExit(f"(b, CLI) exit {proc.returncode}:\n{log.read_text()[-2000:]}")
+    with closing(sqlite3.connect(journal)) as db:
+        complete, first, last = db.execute(
+            "SELECT COUNT(*), MIN(first_issued_at), MAX(finished_at) FROM series WHERE state='complete'"
+        ).fetchone()
+    if complete != n:
+        raise SystemExit(f"(b, CLI) did not complete: {complete}/{n}")
+    return elapsed, last - first
 
 
 def _fresh(journal: Path) -> None:
@@ -314,6 +323,7 @@ class Result:
     a: list[float] = field(default_factory=list)
     b: list[float] = field(default_factory=list)
     cli: list[float] = field(default_factory=list)
+    cli_phase: list[float] = field(default_factory=list)  # the CLI's move phase (see run_cli)
     a_moves: list[float] = field(default_factory=list)
     calls: list[dict[str, int]] = field(default_factory=list)
     writes: list[int] = field(default_factory=list)
@@ -378,9 +388,10 @@ class Bench:
                 res.writes.append(got.writes)
                 res.method = got.schedulers[0].method
         else:
-            t = run_cli(self.config, self.batch, self.journal, n)
+            t, phase = run_cli(self.config, self.batch, self.journal, n)
             if timed:
                 res.cli.append(t)
+                res.cli_phase.append(phase)
         held, total = centre_instances(self.stack), res.n * res.k
         if held != total:
             raise SystemExit(f"({kind}) centre holds {held} instances, expected {total}")
@@ -461,7 +472,18 @@ def table(results: list[Result]) -> str:
         paired = [x / y for x, y in zip(r.a, r.b, strict=True)]
         lines.append(f"a/b per repeat {r.label}: {fmt(paired)} (median {med(paired):.3f})")
     for r in results:
-        lines.append(f"runs {r.label} (s): a {fmt(r.a)} | b {fmt(r.b)} | cli {fmt(r.cli)}")
+        if r.cli_phase:
+            paired = [x / y for x, y in zip(r.a, r.cli_phase, strict=True)]
+            lines.append(
+                f"CLI as a user (stderr to a file), move phase (first move issued -> last proven) {r.label}:"
+                f" median {med(r.cli_phase):.3f} s, a/phase {med(r.a) / med(r.cli_phase):.3f};"
+                f" per repeat {fmt(paired)} (median {med(paired):.3f}); best of each: a {min(r.a):.3f},"
+                f" phase {min(r.cli_phase):.3f}, ratio {min(r.a) / min(r.cli_phase):.3f}"
+            )
+    for r in results:
+        lines.append(
+            f"runs {r.label} (s): a {fmt(r.a)} | b {fmt(r.b)} | cli {fmt(r.cli)} | cli phase {fmt(r.cli_phase)}"
+        )
     return "\n".join(lines)
 
 
