@@ -40,6 +40,12 @@ REASONS_SHOWN = 30
 RAW_LIMIT_POINTS = 600  # more throttle changes than this are drawn per time bucket
 RETRY_EVENTS = ("short", "requeued", "give_up", "not_found")
 RUN_PROBLEMS = ("source.unreachable", "destination.full")
+# A throttle change goes up (the limit grew back) or down (the PACS was full: halved, or at 1 already).
+THROTTLE_KIND = (
+    "CASE WHEN json_extract(detail, '$.to') > json_extract(detail, '$.from') OR (json_extract(detail, '$.to')"
+    " = json_extract(detail, '$.from') AND json_extract(detail, '$.why') = 'recovered')"
+    " THEN 'throttle.up' ELSE 'throttle.down' END"
+)
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,14 @@ class Timeline:
         return self.t0 + i * self.step
 
 
+_NUMBERS = re.compile(r"(0x[0-9A-Fa-f]+)|\d+(?:\.\d+)*")  # DIMSE statuses (0xA702) stay as they are
+
+
 def _norm(text: str | None) -> str:
     """A reason with its numbers and UIDs folded (`short: 37/50 after 3 attempts` → `short: N/N after N attempts`)."""
     if text is None:
-        return "(none)"
-    return re.sub(r"\d+(?:\.\d+)*", "N", text)[:200]
+        return "(no detail)"
+    return _NUMBERS.sub(lambda m: m.group(1) or "N", text)[:200]
 
 
 def _in(names: Sequence[str]) -> str:
@@ -139,10 +148,7 @@ def _series_buckets(db: sqlite3.Connection, tl: Timeline) -> dict[str, list[int]
 def _event_buckets(db: sqlite3.Connection, tl: Timeline) -> dict[str, list[int]]:
     """Per bucket: moves issued, retries (short, requeued), give-ups, throttle drops, run-level problems."""
     names = ("issued", *RETRY_EVENTS, "throttle", *RUN_PROBLEMS)
-    kind = (
-        "CASE WHEN event='throttle' THEN CASE WHEN json_extract(detail, '$.to') < json_extract(detail, '$.from')"
-        " THEN 'throttle.down' ELSE 'throttle.up' END ELSE event END"
-    )
+    kind = f"CASE WHEN event='throttle' THEN {THROTTLE_KIND} ELSE event END"
     out: dict[str, list[int]] = {}
     sql = f"SELECT {tl.bucket('at')} AS b, {kind} AS k, COUNT(*) FROM events WHERE event IN {_in(names)} GROUP BY b, k"
     for b, k, count in db.execute(sql, tl.args):
