@@ -32,7 +32,7 @@ from .svgplot import Chart, nice_step, number, ticks
 from .window import Window
 
 MAX_BUCKETS = 150
-BUCKET_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+BUCKET_STEPS = (0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 HIST_BINS = 30
 FAILURES_SHOWN = 100
@@ -182,9 +182,10 @@ def _limit_points(db: sqlite3.Connection, tl: Timeline, running: bool) -> list[t
 
 
 def _histogram(db: sqlite3.Connection) -> dict[str, Any]:
-    """Seconds from first issue to proof of complete series: HIST_BINS bins up to the 99th percentile, + overflow."""
+    """Seconds from first issue to proof of complete series: up to HIST_BINS bins from the shortest to the 99th
+    percentile, then one bin for everything longer."""
     where = "state='complete' AND seconds IS NOT NULL"
-    n, top = db.execute(f"SELECT COUNT(*), MAX(seconds) FROM series WHERE {where}").fetchone()
+    n, low, top = db.execute(f"SELECT COUNT(*), MIN(seconds), MAX(seconds) FROM series WHERE {where}").fetchone()
     if not n:
         return {"n": 0, "bins": [], "width": 0.0}
 
@@ -193,16 +194,18 @@ def _histogram(db: sqlite3.Connection) -> dict[str, Any]:
         return float(db.execute(sql, (min(n - 1, int(q * n)),)).fetchone()[0])
 
     p50, p90, p99 = quantile(0.5), quantile(0.9), quantile(0.99)
-    width = nice_step(max(p99, 1e-3) / HIST_BINS)
-    last = min(HIST_BINS, math.ceil(top / width + 1e-9)) if top else 1
-    counts = [0] * (last + 1)
-    sql = f"SELECT MIN(CAST(seconds / ? AS INTEGER), ?) AS b, COUNT(*) FROM series WHERE {where} GROUP BY b"
-    for b, count in db.execute(sql, (width, last)):
-        counts[b] = count
-    bins = [(i * width, (i + 1) * width if i < last else float(top), c) for i, c in enumerate(counts)]
+    width = nice_step(max(p99 - low, 1e-3) / HIST_BINS)
+    lo = math.floor(low / width) * width
+    k = min(HIST_BINS, math.floor((top - lo) / width) + 1)  # regular bins; index k: beyond them
+    counts = [0] * (k + 1)
+    sql = f"SELECT MIN(CAST((seconds - ?) / ? AS INTEGER), ?) AS b, COUNT(*) FROM series WHERE {where} GROUP BY b"
+    for b, count in db.execute(sql, (lo, width, k)):
+        counts[max(b, 0)] += count
+    bins = [(lo + i * width, lo + (i + 1) * width if i < k else float(top), c) for i, c in enumerate(counts)]
     if not bins[-1][2]:
         bins.pop()
-    return {"n": n, "bins": bins, "width": width, "p50": p50, "p90": p90, "p99": p99, "max": float(top)}
+    beyond = len(bins) > k
+    return {"n": n, "bins": bins, "width": width, "beyond": beyond, "p50": p50, "p90": p90, "p99": p99, "max": top}
 
 
 def _reasons(db: sqlite3.Connection, show_phi: bool) -> list[tuple[str, str, int, str]]:
@@ -349,6 +352,8 @@ def _plot_limit(
 
 def _plot_retries(tl: Timeline, ev: dict[str, list[int]], clock: _Clock, opts: PageOptions) -> str:
     kinds = [k for k in RETRY_EVENTS if k in ev]
+    if not kinds:
+        return '<p id="plot-retries" data-n="0">No retries, refusals or failures.</p>'
     tops = [sum(ev[k][i] for k in kinds) for i in range(tl.n)]
     chart = _time_chart("plot-retries", tl, max(tops, default=1) or 1, clock, "events", opts)
     for i in range(tl.n):
@@ -364,16 +369,16 @@ def _plot_retries(tl: Timeline, ev: dict[str, list[int]], clock: _Clock, opts: P
 
 def _plot_durations(hist: dict[str, Any]) -> str:
     bins = hist["bins"]
-    hi = bins[-1][1] if bins else 1
-    steps = [nice_step(hi / 10)]
+    lo, hi = bins[0][0], bins[-1][1]
+    step, w = nice_step((hi - lo) / 10), hist["width"]
     chart = Chart(
-        "plot-durations", 0, hi, max((c for _, _, c in bins), default=1),
-        x_ticks=ticks(0, hi, 10, lambda x: number(x) + " s", steps), y_label="series",
+        "plot-durations", lo, hi, max(c for _, _, c in bins),
+        x_ticks=ticks(lo, hi, 10, lambda x: number(x, step) + " s", [step]), y_label="series",
         data={"bins": len(bins), "n": hist["n"]},
     )  # fmt: skip
-    for lo, up, c in bins:
+    for a, b, c in bins:
         if c:
-            chart.bar(lo, up, c, "duration", f"{number(lo)}–{number(up)} s: {c} series", count=c, lo=number(lo))
+            chart.bar(a, b, c, "duration", f"{number(a, w)}–{number(b, w)} s: {c} series", count=c, lo=number(a, w))
     return chart.render([("duration", "series per duration bin (first issue to proof)")])
 
 
@@ -591,7 +596,9 @@ def _duration_section(db: sqlite3.Connection) -> list[str]:
     out.append(
         f'<p class="note">{hist["n"]} complete series moved: median {number(hist["p50"])} s, 90% under'
         f' {number(hist["p90"])} s, 99% under {number(hist["p99"])} s, longest {number(hist["max"])} s.'
-        f" Bins of {number(hist['width'])} s; the last bin holds everything beyond.</p>"
+        f" Bins of {number(hist['width'])} s"
+        + (f"; the last holds all beyond {number(hist['bins'][-1][0], hist['width'])} s." if hist["beyond"] else ".")
+        + "</p>"
     )
     return out + [_plot_durations(hist)]
 
@@ -604,7 +611,10 @@ def _settings_section(
     if runs:
         rows = [(clock.stamp(at), ev, ", ".join(f"{k}={v}" for k, v in d.items())) for at, ev, d in runs]
         out.append(_table(("at", "event", "detail"), rows, "runs"))
-    sql = "SELECT key, substr(value, 1, 200) FROM meta WHERE lower(key) NOT LIKE '%patient%' ORDER BY key"
+    sql = (
+        "SELECT key, substr(value, 1, 200) FROM meta WHERE lower(key) NOT LIKE '%patient%'"
+        " AND key != 'planned_at' ORDER BY key"
+    )
     meta: list[tuple[str, str]] = list(db.execute(sql))
     if journal.meta("planned_at"):
         meta.append(("planned", clock.stamp(float(journal.meta("planned_at") or 0))))

@@ -24,8 +24,10 @@ def nice_step(raw: float, steps: Sequence[float] = (1, 2, 2.5, 5, 10)) -> float:
     return next(s * power for s in steps if s * power >= raw - 1e-12 * power)
 
 
-def number(v: float) -> str:
-    """A compact label: 1200 → 1.2k, 0.25 → 0.25, 3.0 → 3."""
+def number(v: float, step: float | None = None) -> str:
+    """A compact label: 1200 → 1.2k, 0.25 → 0.25, 3.0 → 3; with `step` (< 1), as many decimals as it needs."""
+    if step is not None and 0 < step < 1:
+        return f"{v:.{math.ceil(-math.log10(step) - 1e-9)}f}"
     if abs(v) >= 10_000:
         return f"{v / 1000:.0f}k"
     if abs(v) >= 1000:
