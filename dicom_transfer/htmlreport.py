@@ -35,6 +35,7 @@ MAX_BUCKETS = 150
 BUCKET_STEPS = (0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 HIST_BINS = 30
+QUANTILE_BINS = 2048
 FAILURES_SHOWN = 100
 REASONS_SHOWN = 30
 RAW_LIMIT_POINTS = 600  # more throttle changes than this are drawn per time bucket
@@ -163,11 +164,10 @@ def _limit_points(db: sqlite3.Connection, tl: Timeline, running: bool) -> list[t
         " WHEN 'throttle' THEN json_extract(detail, '$.to') ELSE 0 END"
     )
     where = "event IN ('run.start', 'throttle', 'run.stop')"
-    total = db.execute(f"SELECT COUNT(*) FROM events WHERE {where}").fetchone()[0]
-    points: list[tuple[float, float]]
-    if total <= RAW_LIMIT_POINTS:
-        points = [(at, v or 0) for at, v in db.execute(f"SELECT at, {value} FROM events WHERE {where} ORDER BY id")]
-    else:  # per bucket: the lowest limit, then the one it ended on (SQLite takes bare columns from MAX's row)
+    raw = f"SELECT at, {value} FROM events WHERE {where} ORDER BY id LIMIT {RAW_LIMIT_POINTS + 1}"
+    points: list[tuple[float, float]] = [(at, v or 0) for at, v in db.execute(raw)]
+    if len(points) > RAW_LIMIT_POINTS:
+        # Per bucket: the lowest limit, then the one it ended on (SQLite takes bare columns from MAX's row).
         low = f"SELECT {tl.bucket('at')} AS b, MIN({value}), MIN(at) FROM events WHERE {where} GROUP BY b"
         end = f"SELECT {tl.bucket('at')} AS b, MAX(id), {value}, at FROM events WHERE {where} GROUP BY b"
         lows = {b: (at, v or 0) for b, v, at in db.execute(low, tl.args)}
@@ -189,11 +189,7 @@ def _histogram(db: sqlite3.Connection) -> dict[str, Any]:
     if not n:
         return {"n": 0, "bins": [], "width": 0.0}
 
-    def quantile(q: float) -> float:
-        sql = f"SELECT seconds FROM series WHERE {where} ORDER BY seconds LIMIT 1 OFFSET ?"
-        return float(db.execute(sql, (min(n - 1, int(q * n)),)).fetchone()[0])
-
-    p50, p90, p99 = quantile(0.5), quantile(0.9), quantile(0.99)
+    p50, p90, p99 = _quantiles(db, where, n, low, top, (0.5, 0.9, 0.99))
     width = nice_step(max(p99 - low, 1e-3) / HIST_BINS)
     lo = math.floor(low / width) * width
     k = min(HIST_BINS, math.floor((top - lo) / width) + 1)  # regular bins; index k: beyond them
@@ -206,6 +202,43 @@ def _histogram(db: sqlite3.Connection) -> dict[str, Any]:
         bins.pop()
     beyond = len(bins) > k
     return {"n": n, "bins": bins, "width": width, "beyond": beyond, "p50": p50, "p90": p90, "p99": p99, "max": top}
+
+
+def _quantiles(
+    db: sqlite3.Connection, where: str, n: int, low: float, top: float, qs: Sequence[float]
+) -> list[float]:
+    """Quantiles of `seconds` to within 1% (or 1 ms), by counting in fine bins (no sort of 10^6 rows).
+
+    One pass over QUANTILE_BINS bins of [low, top]; a quantile whose bin is still wider than
+    1% of its value (a few very long series stretch the range) is counted again inside that bin.
+    """
+    out = []
+    first = _fine_bins(db, where, low, top)
+    for q in qs:
+        rank = min(n - 1, int(q * n))  # 0-based rank of the quantile
+        lo, hi, below, bins = low, top, 0, first
+        for _ in range(4):
+            width = (hi - lo) / QUANTILE_BINS
+            cum = below
+            for b, count in bins:
+                if cum + count > rank:
+                    lo, hi, below = lo + b * width, min(hi, lo + (b + 1) * width), cum
+                    break
+                cum += count
+            if hi - lo <= max(0.01 * lo, 1e-3):
+                break
+            bins = _fine_bins(db, where, lo, hi)
+        out.append((lo + hi) / 2)
+    return out
+
+
+def _fine_bins(db: sqlite3.Connection, where: str, lo: float, hi: float) -> list[tuple[int, int]]:
+    width = (hi - lo) / QUANTILE_BINS or 1e-9
+    sql = (
+        f"SELECT MIN(CAST((seconds - ?) / ? AS INTEGER), {QUANTILE_BINS - 1}) AS b, COUNT(*) FROM series"
+        f" WHERE {where} AND seconds >= ? AND seconds <= ? GROUP BY b ORDER BY b"
+    )
+    return list(db.execute(sql, (lo, width, lo, hi)))
 
 
 def _reasons(db: sqlite3.Connection, show_phi: bool) -> list[tuple[str, str, int, str]]:
@@ -339,10 +372,12 @@ def _plot_limit(
                       count=v)  # fmt: skip
     if points:
         chart.line("line-limit", points, "limit", step=True)
-    for kind, cls in (("throttle.down", "drop"), ("throttle.up", "recover"), *((k, "problem") for k in RUN_PROBLEMS)):
+    marks = [("throttle.down", "drop", 0.3), ("throttle.up", "recover", 0.7)]
+    marks += [(k, "problem", 0.5) for k in RUN_PROBLEMS]
+    for kind, cls, where in marks:  # side by side within the bucket: a drop and a recovery in one bucket both show
         for i, v in enumerate(ev.get(kind, ())):
             if v:
-                a = tl.start(i) + tl.step / 2
+                a = tl.start(i) + tl.step * where
                 chart.mark(a, cls, f"{clock.stamp(tl.start(i))}: {v} × {kind}", count=v, kind=kind)
     return chart.render(
         [("limit", "in-flight limit"), ("issued", f"moves issued (max {peak} per {number(tl.step)} s)"),
