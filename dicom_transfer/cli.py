@@ -56,6 +56,7 @@ def main_command(
     config: Path | None = typer.Option(None, "--config", help="transfer.yaml (see conf/transfer.example.yaml)."),
     journal: Path | None = typer.Option(None, "--journal", help="Journal path (default <batch>.journal.sqlite)."),
     report: Path | None = typer.Option(None, "--report", help="Write the report: JSON, or CSV for a .csv path."),
+    html: Path | None = typer.Option(None, "--html", help="Also write the HTML report (plots) here at the end."),
     json_out: bool = typer.Option(False, "--json", help="Print the report's summary as JSON on stdout."),
     until_window_end: bool = typer.Option(False, "--until-window-end", help="Exit 3 at the window's end."),
     show_phi: bool = typer.Option(False, "--show-phi", help="Include PatientID in reports."),
@@ -86,11 +87,25 @@ def main_command(
     except DicomTransferError as exc:
         raise _fail(exc) from None
     summary = outcome.report["summary"]
+    if html is not None:
+        _write_html(outcome.journal_path, html, cfg, show_phi=show_phi)
     if json_out:
         typer.echo(json.dumps(summary))
     else:
         _print_summary(outcome.report, outcome.journal_path, outcome.report_path)
+        if html is not None and html.exists():
+            err.print(f"html:    {html}", markup=False, highlight=False)
     raise typer.Exit(outcome.exit_code)
+
+
+def _write_html(journal: Path, out: Path, cfg: Config | None, *, show_phi: bool) -> None:
+    """The HTML report after a run: a failure to write it is a warning, never the run's exit code."""
+    from .htmlreport import page_options, write_html
+
+    try:
+        write_html(journal, out, page_options(cfg, show_phi=show_phi))
+    except (OSError, DicomTransferError) as exc:
+        err.print(f"warning: the HTML report was not written: {exc}", markup=False, highlight=False)
 
 
 def _print_summary(report: dict[str, Any], journal: Path, report_path: Path | None) -> None:
@@ -169,8 +184,18 @@ class _progress:
 def status(
     journal: Path = typer.Option(..., "--journal", help="The run's journal (works while it runs)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    serve: str | None = typer.Option(
+        None, "--serve", metavar="HOST:PORT", help="Serve the HTML report live (read-only), e.g. 127.0.0.1:8099."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="With --serve: the run's transfer.yaml."),
+    refresh: float = typer.Option(5.0, "--refresh", min=1, help="With --serve: seconds between page reloads."),
+    show_phi: bool = typer.Option(False, "--show-phi", help="With --serve: show PatientID of failed series."),
+    all_series: bool = typer.Option(False, "--all-series", help="With --serve: list every series, not only failures."),
 ) -> None:
     """Where a batch stands, from its journal (also while a run is going on, or after a crash)."""
+    if serve is not None:
+        _serve(journal, serve, config, refresh=refresh, show_phi=show_phi, all_series=all_series)
+        return
     try:
         j = Journal(journal, readonly=True)
     except DicomTransferError as exc:
@@ -205,6 +230,62 @@ def status(
         typer.echo(f"in flight {f['SeriesInstanceUID']} {f['state']} {f['received']}/{f['expected']}")
     for e in info["last_errors"]:
         typer.echo(f"error     {e['at']} {e['SeriesInstanceUID']} {e['event']}: {e['detail']}")
+
+
+def _serve(
+    journal: Path, address: str, config: Path | None, *, refresh: float, show_phi: bool, all_series: bool
+) -> None:
+    """The live page until Ctrl-C (exit 0)."""
+    from .htmlreport import page_options
+    from .serve import LivePage, is_loopback, make_server, parse_address
+
+    try:
+        host, port = parse_address(address)
+        cfg = _load(config) if config is not None else None
+        opts = page_options(cfg, show_phi=show_phi, all_series=all_series, live=True, refresh_s=refresh)
+        server = make_server(host, port, LivePage(journal, opts))
+    except DicomTransferError as exc:
+        raise _fail(exc) from None
+    if not is_loopback(host):
+        err.print(
+            f"warning: serving on {host}, reachable from other machines; the page shows series UIDs"
+            + (" and PatientIDs" if show_phi else "") + " (no login, read-only)",
+            markup=False, highlight=False,
+        )  # fmt: skip
+    if not journal.exists():
+        err.print(f"warning: {journal}: no journal yet; the page waits for it", markup=False, highlight=False)
+    bound = server.server_address
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"serving http://{shown}:{bound[1]!s}/ (Ctrl-C stops)", markup=False, highlight=False)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    raise typer.Exit(0)
+
+
+@app.command()
+def report(
+    journal: Path = typer.Option(..., "--journal", help="The run's journal."),
+    html: Path = typer.Option(..., "--html", help="The HTML report to write (one self-contained file)."),
+    config: Path | None = typer.Option(None, "--config", help="The run's transfer.yaml (settings, window shading)."),
+    show_phi: bool = typer.Option(False, "--show-phi", help="Show PatientID of the series listed."),
+    all_series: bool = typer.Option(False, "--all-series", help="List every series, not only failures."),
+) -> None:
+    """Write the HTML report of a journal: plots over time, reasons, durations, settings."""
+    from .htmlreport import page_options, write_html
+
+    try:
+        cfg = _load(config) if config is not None else None
+        write_html(journal, html, page_options(cfg, show_phi=show_phi, all_series=all_series))
+    except DicomTransferError as exc:
+        raise _fail(exc) from None
+    except OSError as exc:
+        err.print(f"error: {html}: {exc.strerror or exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    err.print(f"html: {html}", markup=False, highlight=False)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from .config import load_config
 from .errors import DicomTransferError
+from .htmlreport import page_options, write_html
 from .stack import start_stack
 from .synthetic import make_series, upload, write_batch_csv
 from .transfer import run_batch
@@ -77,11 +78,14 @@ def run_demo(workdir: Path, *, n_series: int = 20, n_instances: int = 50, consol
         with _progress(False) as on_progress:
             outcome = run_batch(cfg, batch, report_path=report_path, on_progress=on_progress)
         _print_summary(outcome.report, outcome.journal_path, outcome.report_path)
+        html = write_html(outcome.journal_path, workdir / "report.html", page_options(cfg))
+        console.print(f"html:    {html}", highlight=False)
         held = stack.centre.rest.get("/statistics")["CountInstances"]
         python = os.path.relpath(sys.executable) if sys.prefix != sys.base_prefix else "python"
         console.print(
             f"  the centre now holds {held} instances; try:\n"
-            f"    {python} main.py status --journal {outcome.journal_path}",
+            f"    {python} main.py status --journal {outcome.journal_path}\n"
+            f"    {python} main.py status --serve 127.0.0.1:8099 --journal {outcome.journal_path}",
             highlight=False,
         )
         console.print("  stopping the demo's Orthanc servers", highlight=False)

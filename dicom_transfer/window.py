@@ -57,6 +57,11 @@ class Window:
                 spans.append(self._span(day))
         return spans
 
+    def spans(self, a: float, b: float) -> list[tuple[float, float]]:
+        """The windows (start, end) that overlap [a, b], in order."""
+        days = int((b - a) // 86400) + 2
+        return sorted({(s, e) for s, e in self._spans_near(a, days) if e > a and s < b})
+
     def is_open(self, now: float) -> bool:
         return any(a <= now < b for a, b in self._spans_near(now, 1))
 
