@@ -22,6 +22,7 @@ setting at its default (stall_s 30, recover_after 5, cooldown_s 10, backoff_s 5)
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 import sys
 import tempfile
@@ -109,8 +110,6 @@ def limit_timeline(journal: Path) -> list[tuple[int, int, str]]:
         out = []
         for at, detail in events:
             done = db.execute("SELECT COUNT(*) FROM series WHERE finished_at <= ?", (at,)).fetchone()[0]
-            import json
-
             d = json.loads(detail)
             out.append((done, d["to"], d["why"]))
     return out
@@ -149,8 +148,13 @@ def changing_queue(stack: Stack, series: list[SyntheticSeries], work: Path, stor
         pacs.stop()
     timeline = limit_timeline(journal)
     back = marks.get("queue 3")
-    regained = next((done - back for done, limit, _ in timeline if back is not None and done >= back and limit >= 3),
-                    None)  # fmt: skip
+    regained = None  # completes after the queue grew back until the limit reached 3 for good
+    for done, limit, _ in timeline:
+        if back is not None and done >= back:
+            if limit >= 3 and regained is None:
+                regained = done - back
+            elif limit < 3:
+                regained = None
     rows = journal_rows(journal)
     return {
         "exit": res.returncode,

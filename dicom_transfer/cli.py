@@ -254,10 +254,10 @@ def _serve(
         )  # fmt: skip
     if not journal.exists():
         err.print(f"warning: {journal}: no journal yet; the page waits for it", markup=False, highlight=False)
-    bound = server.server_address
-    shown = f"[{host}]" if ":" in host else host
-    err.print(f"serving http://{shown}:{bound[1]!s}/ (Ctrl-C stops)", markup=False, highlight=False)
-    try:
+    try:  # from the line that says it serves on: a Ctrl-C right after it is a clean stop too
+        bound = server.server_address
+        shown = f"[{host}]" if ":" in host else host
+        err.print(f"serving http://{shown}:{bound[1]!s}/ (Ctrl-C stops)", markup=False, highlight=False)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass

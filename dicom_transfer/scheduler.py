@@ -12,7 +12,6 @@ import heapq
 import json
 import queue
 import random
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +23,8 @@ import structlog
 
 from .config import Config
 from .errors import DestinationUnknown, MoveRefused, OrthancError, Unreachable
+from .flights import HOT_POLL_S, OVERTAKEN_GRACE_S, Flight, Pace, Workers, hot_interval, predicted_end
+from .issuing import IssuePolicy
 from .journal import Journal, SeriesRow
 from .lookahead import Lookahead
 from .orthanc import (
@@ -36,138 +37,27 @@ from .orthanc import (
     dimse_from_error,
     is_association_failure,
 )
-from .pause import Pause
+from .retry import ELSEWHERE_WAIT_S, RetryPolicy
 from .runlock import SeriesClaims
 from .states import TRANSITIONS, Event, State, next_state
-from .throttle import Throttle
 from .verify import Decision, Observation, Verdict, judge
-from .window import Window
 
-__all__ = ["TRANSITIONS", "Event", "State", "next_state", "Scheduler", "RunResult", "hot_interval", "short_uid"]
+__all__ = [
+    "TRANSITIONS", "Event", "State", "next_state", "Scheduler", "RunResult", "short_uid",
+    # re-exported from flights.py for callers that knew them here
+    "HOT_POLL_S", "OVERTAKEN_GRACE_S", "Flight", "Workers", "hot_interval", "predicted_end",
+]  # fmt: skip
 
 log = structlog.get_logger("dicom_transfer")
 
-RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at least this often
 CHANGES_EVERY_S = 0.2  # while jobs run, ask the destination's `/changes` at most this often
-# A young move (job not ended, younger than HOT_S) is counted at the destination from its
-# predicted end (the measured seconds per instance × instances to move) every HOT_POLL_S,
-# then ever less often (HOT_BACKOFF × time past that end, up to poll_s): a series is whole
-# there before the PACS's final C-MOVE response ends the job, so the count sees it first.
-HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
 PENDING_CHUNK = 64  # pending rows read per SELECT (only this loop moves rows out of `pending`)
 PROGRESS_EVERY_S = 0.5  # progress callbacks (a COUNT over the journal) at most this often
-OVERTAKEN_GRACE_S = 0.5  # a later move whole this long, ours acknowledged and empty: ours was dropped
-START_GRACE_MIN_S = 0.2  # the least quiet at an otherwise idle PACS that proves a move dropped
-FREE_REQUEUES = 10  # losses (drops, refusals) of one series in a run that cost it no attempt
-ELSEWHERE_WAIT_S = 2.0  # a series another run is moving (or arriving from elsewhere) is looked at again after this
-
-
-def hot_interval(late: float, poll_s: float) -> float | None:
-    """How often to count a move `late` seconds past its predicted end (None: not yet due).
-
-    Every HOT_POLL_S at first, then a tenth of the time already past, up to `poll_s`: the
-    end is seen within a few ms when the prediction holds, and a slow move costs a few
-    dozen counts, not hundreds.
-    """
-    if late < 0:
-        return None
-    return min(poll_s, max(HOT_POLL_S, HOT_BACKOFF * late))
-
-
-def moving_average(average: float | None, sample: float) -> float:
-    return sample if average is None else 0.7 * average + 0.3 * sample
-
-
-def predicted_end(flight: Flight, s_per_instance: float | None, s_per_delivered: float | None) -> float:
-    """When a move should end, slightly early (the hot look counts from then).
-
-    Before anything arrived: from its issue and the whole-move pace of the moves before it
-    (association and set-up included). Once it delivers: from its last growing count and
-    the pace at which instances arrive, so each count that finds it short aims the next at
-    what is left, and a 50-instance move is counted ~3 times instead of every 2 ms from
-    15 % before its end. A count that finds no growth moves nothing, so a stall backs off.
-    """
-    if s_per_instance is None:
-        return flight.issued_at + 0.02  # no measure yet: a gentler 20 ms poll
-    if flight.last_growth is not None and s_per_delivered is not None and flight.expected:
-        at, count = flight.last_growth
-        return at + 0.85 * max(1, flight.expected - count) * s_per_delivered
-    todo = max(1, (flight.expected or 0) - flight.baseline)
-    return flight.issued_at + 0.85 * todo * s_per_instance
-
-
-class Workers:
-    """Daemon threads for blocking calls. An idle one takes the next call, so a move does
-    not wait for a thread to start (~0.1 ms); another starts only when all are busy.
-    Daemons, so a hung move never blocks exit; one idle for IDLE_S ends.
-    """
-
-    IDLE_S = 30.0
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []  # idle workers' inboxes
-        self._lock = threading.Lock()
-        self.started = 0
-
-    def run(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            inbox = self._idle.pop() if self._idle else None
-        if inbox is None:
-            inbox = queue.SimpleQueue()
-            self.started += 1
-            name = f"{self.name}-{self.started}"
-            threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
-        inbox.put(job)
-
-    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
-        while True:
-            try:
-                job = inbox.get(timeout=self.IDLE_S)
-            except queue.Empty:
-                with self._lock:
-                    if inbox in self._idle:
-                        self._idle.remove(inbox)
-                        return
-                continue  # handed a job just as the wait ran out
-            job()
-            with self._lock:
-                self._idle.append(inbox)
 
 
 def short_uid(uid: str) -> str:
     """The tail of a UID, enough to tell series apart in logs."""
     return uid if len(uid) <= 12 else "…" + uid[-10:]
-
-
-@dataclass
-class Flight:
-    """One series whose move is in flight (memory only; the journal has the durable part)."""
-
-    uid: str
-    study_uid: str
-    expected: int | None
-    attempt: int
-    issued_at: float
-    baseline: int  # destination count when this attempt was issued
-    state: State = State.MOVING  # the row's state in the journal
-    job_id: str | None = None
-    future: Future[JobStatus] | None = None  # a blocking move running in a worker thread
-    job_ended_at: float | None = None
-    job_detail: str | None = None
-    first_issued_at: float | None = None
-    job_succeeded: bool = False
-    subset: bool = False  # this attempt moves only the missing instances
-    issued_here: bool = True  # False for a move reclaimed from an earlier run
-    job_error: str | None = None
-    job_dimse: int | None = None
-    count: int = 0
-    last_growth_at: float = 0.0
-    counted_at: float = 0.0
-    job_asked_at: float = 0.0  # last `GET /jobs/{id}`: asked at most every poll_s
-    first_growth: tuple[float, int] | None = None  # (when, count): the first count above baseline
-    alone: bool = False  # nothing else of ours was in flight when it was issued
-    last_growth: tuple[float, int] | None = None  # (when, count): the last count that grew
 
 
 @dataclass
@@ -236,19 +126,10 @@ class Scheduler:
         self.until_window_end = until_window_end
         self.stop = stop if stop is not None else StopFlag()  # a StopFlag is falsy until set
         self.on_progress = on_progress
-        self.rng = rng or random.Random()
-        self.window = (
-            Window(cfg.window.start, cfg.window.end, cfg.window.timezone, cfg.window.days)
-            if cfg.window
-            else None
-        )
-        self.throttle = Throttle(
-            max_in_flight=self.t.max_in_flight,
-            recover_after=self.t.recover_after,
-            pause_s=self.t.pause_s,
-            cooldown_s=self.t.cooldown_s,
-            clock=clock,
-        )
+        self.policy = IssuePolicy(self.t, cfg.window, clock)  # limit, window, parties' pauses
+        self.throttle = self.policy.throttle
+        self.retry = RetryPolicy(self.t.backoff_s, self.t.backoff_max_s, rng)
+        self.pace = Pace(self.t.poll_s, self.t.stall_s)  # measures of the moves; counts and drops
         self.flights: dict[str, Flight] = {}
         self.method = self.t.move_method
         self.change_mark = 0
@@ -256,23 +137,13 @@ class Scheduler:
         self._ready: list[tuple[int, SeriesRow]] = []
         self._progress_at = 0.0
         self._changes_at = 0.0
-        self._last_arrival_at = 0.0  # when any in-flight series last grew
-        self._next_retry_at: float | None = None  # earliest waiting_retry, kept in memory
-        self._s_per_instance: float | None = None  # measured move speed (moving average)
-        self._s_per_delivered: float | None = None  # seconds between arrivals once a move delivers (same)
         self._moved_ok = False  # a move of this run delivered: 0xA801 is then not a config error
-        self._completions: deque[tuple[float, float]] = deque(maxlen=64)  # (issued_at, complete at)
-        self._s_to_first: float | None = None  # a lone move: issue to first arrival (moving average)
         self._series_only: set[str] = set()
-        self._requeues: dict[str, int] = {}  # losses per series this run (see _requeue)
-        self._s_per_series: float | None = None  # measured seconds per complete series (moving average)
         self._returned: queue.SimpleQueue[None] = queue.SimpleQueue()  # a blocking move or a list returned
         self._listers = Workers("list")
         self.lookahead = Lookahead(
             local, dest, cfg.source.modality, clock, spawn=self._listers.run, wake=lambda: self._returned.put(None)
         )
-        self.source_pause = Pause("source", clock)  # the source stopped answering (association failures)
-        self.dest_pause = Pause("destination", clock)  # the destination stores nothing (full)
         # Series in flight on this machine, shared with other runs to the same destination.
         self.claims = SeriesClaims(f"{cfg.destination_url()}|{cfg.destination.aet}")
         self.after = after
@@ -298,7 +169,7 @@ class Scheduler:
         log.info("run.start", method=self.method, max_in_flight=self.t.max_in_flight)
         self._reclaim()
         self._ready = [(row.seq, row) for row in self.journal.rows(State.QUERIED)]
-        self._next_retry_at = self.journal.next_retry_at()
+        self.retry.next_due = self.journal.next_retry_at()
         result = RunResult()
         try:
             result = self._loop()
@@ -320,11 +191,11 @@ class Scheduler:
             if self.stop:
                 result = RunResult(True, self.stop.reason)
                 break
-            open_now = self._window_open(now)
+            open_now = self.policy.window_open(now)
             if not open_now and not self.flights and self.until_window_end:
                 result = RunResult(True, "outside the time window")
                 break
-            gone = self._party_gone_too_long(now)
+            gone = None if self.flights else self.policy.gone_too_long(now)
             if gone:
                 result = RunResult(True, gone)
                 break
@@ -365,14 +236,14 @@ class Scheduler:
         """Whether `text` says the PACS could not be reached at all; if so, pause the run."""
         if not is_association_failure(text):
             return False
-        if self.source_pause.begin((text or "")[:300]):
+        if self.policy.source.begin((text or "")[:300]):
             self.journal.record("source.unreachable", {"error": (text or "")[:300]})
             log.warning("source.unreachable", error=(text or "")[:200])
         return True
 
     def _source_up(self, now: float) -> bool:
         """False while the source is down; probes it with a C-ECHO on a capped back-off."""
-        pause = self.source_pause
+        pause = self.policy.source
         if not pause:
             return True
         if not pause.due(now):
@@ -415,7 +286,7 @@ class Scheduler:
         move is the probe: the pause ends once a series arrives, and a move refused again
         costs no attempt.
         """
-        pause = self.dest_pause
+        pause = self.policy.destination
         if not pause or pause.probe_at is None:
             return True
         if not pause.due(now):
@@ -437,21 +308,10 @@ class Scheduler:
 
     def _destination_stores(self) -> None:
         """A series arrived: the destination stores again (ends its pause)."""
-        if self.dest_pause:
-            paused_s = round(self.dest_pause.end(), 1)
+        if self.policy.destination:
+            paused_s = round(self.policy.destination.end(), 1)
             self.journal.record("destination.stores", {"paused_s": paused_s})
             log.info("destination.stores", paused_s=paused_s)
-
-    def _party_gone_too_long(self, now: float) -> str | None:
-        """The stop reason once the source (or the destination) has been out longer than unreachable_s."""
-        if self.flights:
-            return None
-        if self.source_pause.too_long(now, self.t.unreachable_s):
-            return f"the source did not answer for {now - (self.source_pause.since or now):.0f} s"
-        if self.dest_pause.too_long(now, self.t.unreachable_s):
-            since = self.dest_pause.since or now
-            return f"the destination stored nothing for {now - since:.0f} s ({self.dest_pause.why})"
-        return None
 
     def _after_one(self) -> bool:
         """Run the after-arrival steps of one series, in the gaps while moves run."""
@@ -464,9 +324,6 @@ class Scheduler:
         while not self.stop and self._after_one():
             pass
 
-    def _window_open(self, now: float) -> bool:
-        return self.window is None or self.window.is_open(now)
-
     def _nothing_left(self) -> bool:
         return not self._ready and not self._pending and not self.journal.has_work()
 
@@ -474,19 +331,14 @@ class Scheduler:
         """Sleep until something may change: a poll tick, a due retry or the window."""
         now = self.clock()
         if not self.flights:
-            wakeups = [
-                self.journal.next_retry_at(), self.throttle.not_before,
-                self.source_pause.probe_at, self.dest_pause.probe_at,
-            ]  # fmt: skip
-            if not open_now and self.window is not None:
-                wakeups.append(self.window.next_open(now))
+            wakeups = [self.journal.next_retry_at(), *self.policy.wakeups(now, open_now)]
             future = [w - now for w in wakeups if w is not None and w > now]
             wait = min(future) if future else self.t.poll_s
             wait = max(self.t.poll_s, min(wait, 5.0))  # wake up now and then for signals
             self._report_progress()
             self._nap(wait)
             return
-        hot = self._next_hot_look(now)
+        hot = self.pace.next_hot_look(self.flights.values(), now)
         self._report_progress()
         running = [f.future for f in self.flights.values() if f.future is not None and not f.future.done()]
         if running and len(running) == len(self.flights):
@@ -507,33 +359,6 @@ class Scheduler:
             self._returned.get(timeout=seconds)
         except queue.Empty:
             pass
-
-    def _predicted_end(self, flight: Flight) -> float:
-        return predicted_end(flight, self._s_per_instance, self._s_per_delivered)
-
-    @staticmethod
-    def _young_job(flight: Flight, now: float) -> bool:
-        """A move job still running and younger than HOT_S (a blocking move wakes the loop itself)."""
-        return flight.future is None and flight.job_ended_at is None and now - flight.issued_at < HOT_S
-
-    def _hot_interval(self, flight: Flight, now: float) -> float | None:
-        """How often to count a young move now; None while it is not (or no longer) near its end."""
-        if not self._young_job(flight, now):
-            return None
-        return hot_interval(now - self._predicted_end(flight), self.t.poll_s)
-
-    def _next_hot_look(self, now: float) -> float | None:
-        """Seconds until a young move should next be counted; None when none is near."""
-        waits = []
-        for flight in self.flights.values():
-            if not self._young_job(flight, now):
-                continue
-            interval = self._hot_interval(flight, now)
-            if interval is None:
-                waits.append(self._predicted_end(flight) - now)
-            else:
-                waits.append(flight.counted_at + interval - now)
-        return max(HOT_POLL_S / 2, min(waits)) if waits else None
 
     def _report_progress(self) -> None:
         now = time.monotonic()
@@ -580,25 +405,15 @@ class Scheduler:
     # -- retries ----------------------------------------------------------------------
 
     def _release_retries(self, now: float) -> bool:
-        if self._next_retry_at is None or now < self._next_retry_at:
+        if self.retry.next_due is None or now < self.retry.next_due:
             return False  # known from memory: no query on every pass of the loop
         due = self.journal.due_retries(now)
         for row in due:
             self.journal.transition(row.uid, State.WAITING_RETRY, Event.RETRY_DUE)
         if due:
             self._pending.clear()  # back in `pending`, ahead of later rows: read again
-        self._next_retry_at = self.journal.next_retry_at()
+        self.retry.next_due = self.journal.next_retry_at()
         return bool(due)
-
-    def _retry_at(self, when: float | None) -> float | None:
-        """Note a scheduled retry (for _release_retries); returns `when`."""
-        if when is not None and (self._next_retry_at is None or when < self._next_retry_at):
-            self._next_retry_at = when
-        return when
-
-    def _backoff(self, attempt: int) -> float:
-        base = min(self.t.backoff_max_s, self.t.backoff_s * (2 ** max(0, attempt - 1)))
-        return base * (0.5 + self.rng.random() / 2)  # jitter: spread retries out
 
     # -- queries (a small look-ahead before the moves) ---------------------------------
 
@@ -619,7 +434,7 @@ class Scheduler:
             rows = rows[:1]
             self._query(rows[0])
             return True
-        size = self.lookahead.size(self._s_per_series, self.throttle.limit)
+        size = self.lookahead.size(self.pace.s_per_series, self.throttle.limit)
         if self.lookahead.wants(rows):
             self.lookahead.ask(self.journal.rows(State.PENDING, limit=size))
             if self.lookahead.waits_for(rows):
@@ -707,7 +522,7 @@ class Scheduler:
         if self._source_failure(reason):  # not this series' fault: no attempt spent
             self.journal.transition(
                 row.uid, State.PENDING, Event.SHORT, "source unreachable",
-                next_attempt_at=self._retry_at(self.source_pause.probe_at), reason="source unreachable",
+                next_attempt_at=self.retry.note(self.policy.source.probe_at), reason="source unreachable",
             )  # fmt: skip
             return
         attempts = row.attempts + 1
@@ -715,10 +530,10 @@ class Scheduler:
             self.journal.transition(row.uid, State.PENDING, Event.GIVE_UP, reason=reason, attempts=attempts)
             log.warning("series.failed", series=short_uid(row.uid), reason=reason)
             return
-        when = self.clock() + self._backoff(attempts)
+        when = self.clock() + self.retry.backoff(attempts)
         self.journal.transition(
             row.uid, State.PENDING, Event.SHORT, reason,
-            attempts=attempts, next_attempt_at=self._retry_at(when), reason=reason,
+            attempts=attempts, next_attempt_at=self.retry.note(when), reason=reason,
         )  # fmt: skip
         log.info("series.query_retry", series=short_uid(row.uid), attempt=attempts, error=reason)
 
@@ -773,7 +588,7 @@ class Scheduler:
 
     def _elsewhere(self, row: SeriesRow, why: str) -> None:
         """Another run moves this series: look again after ELSEWHERE_WAIT_S (no attempt spent)."""
-        when = self._retry_at(self.clock() + ELSEWHERE_WAIT_S)
+        when = self.retry.note(self.clock() + ELSEWHERE_WAIT_S)
         self.journal.transition(
             row.uid, State.QUERIED, Event.SHORT, why, reason=f"waiting: {why}", next_attempt_at=when
         )
@@ -791,7 +606,7 @@ class Scheduler:
         flight.count, flight.last_growth_at, flight.counted_at = baseline, now, now
         flight.first_issued_at = row.first_issued_at or now
         flight.subset = bool(subset)
-        flight.alone = not self.flights
+        flight.alone, flight.limit = not self.flights, self.throttle.limit
         self.flights[row.uid] = flight
 
         def issued(job_id: str | None) -> None:
@@ -888,12 +703,7 @@ class Scheduler:
             self._changes_at = now
         progressed = bool(ended)
         for flight in list(self.flights.values()):
-            if (
-                flight.uid in ended
-                or changed
-                or now - flight.counted_at >= (self._hot_interval(flight, now) or self._recount_every(flight))
-                or (flight.job_ended_at is not None and flight.counted_at < self._last_arrival_at)
-            ):
+            if self.pace.count_due(flight, now, changed=changed, ended=flight.uid in ended):
                 self._recount(flight, now)
             state = flight.state
             decision = judge(
@@ -903,7 +713,7 @@ class Scheduler:
                     issued_at=flight.issued_at,
                     # A PACS still sending (any series) is working through its queue: ours
                     # may simply be next, so the stall clock runs from the last arrival.
-                    last_growth_at=max(flight.last_growth_at, self._last_arrival_at),
+                    last_growth_at=max(flight.last_growth_at, self.pace.last_arrival_at),
                     job_ended_at=flight.job_ended_at,
                     job_succeeded=flight.job_succeeded,
                     delivered=flight.count - flight.baseline,
@@ -917,66 +727,15 @@ class Scheduler:
                 self._arrived(flight, state, decision)  # moving → complete needs no job_ended row
                 progressed = True
                 continue
-            if decision.verdict is Verdict.WAIT and self._unreachable_now(flight):
+            if decision.verdict is Verdict.WAIT and flight.unreachable:
                 decision = Decision(Verdict.SHORT, reason=f"move failed: {flight.job_error}")
-            elif decision.verdict is Verdict.WAIT and self._overtaken(flight, now):
+            elif decision.verdict is Verdict.WAIT and self.pace.dropped(flight, self.flights.values(), now):
                 decision = Decision(Verdict.SHORT, reason="dropped: a later move arrived whole first", pacs_full=True)
             self._record_job_end(flight)
             if decision.verdict is Verdict.SHORT:
                 self._short(flight, flight.state, decision)
                 progressed = True
         return progressed
-
-    def _recount_every(self, flight: Flight) -> float:
-        """A move that ended short is counted often enough to prove a stall on time."""
-        return RECOUNT_EVERY_S if flight.job_ended_at is None else min(RECOUNT_EVERY_S, self.t.stall_s / 4)
-
-    def _overtaken(self, flight: Flight, now: float) -> bool:
-        """Acknowledged, nothing came, and a move issued after it is whole: dropped.
-
-        PACS serve their move queue in order; waiting `stall_s` after the whole queue went
-        quiet would find the drop only at the end of a busy pipeline. The later move must
-        be *whole* for OVERTAKEN_GRACE_S, not merely delivering: moves sent together may
-        reach the PACS in either order, and one queued behind it starts once it is done.
-        """
-        if not (
-            flight.job_ended_at is not None
-            and flight.job_succeeded
-            and flight.count <= flight.baseline
-            and flight.counted_at >= self._last_arrival_at  # our count is not older than theirs
-            and now - flight.job_ended_at >= OVERTAKEN_GRACE_S
-        ):
-            return False
-        later = [at for issued, at in self._completions if issued > flight.issued_at]
-        if later:
-            return now - min(later) >= OVERTAKEN_GRACE_S
-        # Nothing of ours issued before it is still at the PACS, and the PACS has been quiet
-        # for longer than a move takes to start there: it would have started; it was dropped.
-        if any(f.issued_at < flight.issued_at for f in self.flights.values() if f is not flight):
-            return False
-        quiet_since = max(self._last_arrival_at, flight.issued_at, flight.job_ended_at)
-        return now - quiet_since >= self._start_grace()
-
-    def _start_grace(self) -> float:
-        """How long a PACS with nothing else of ours may stay quiet before a move counts as dropped.
-
-        Four times the measured time from a lone move's issue to its first arrival (at
-        least START_GRACE_MIN_S), and never longer than `stall_s`. A PACS serving its
-        queue in order starts the next move as soon as the one before it ends.
-        """
-        if self._s_to_first is None:
-            return self.t.stall_s
-        return min(self.t.stall_s, max(START_GRACE_MIN_S, 4 * self._s_to_first))
-
-    @staticmethod
-    def _unreachable_now(flight: Flight) -> bool:
-        """The move failed because the PACS could not be reached and nothing came: no stall wait."""
-        return (
-            flight.job_ended_at is not None
-            and not flight.job_succeeded
-            and flight.count <= flight.baseline
-            and is_association_failure(flight.job_error)
-        )
 
     def _record_job_end(self, flight: Flight) -> None:
         if flight.job_ended_at is not None and flight.state is State.MOVING:
@@ -1021,31 +780,13 @@ class Scheduler:
 
     def _recount(self, flight: Flight, now: float) -> None:
         count = self.dest.count(flight.uid, lookup=flight.job_ended_at is not None)
-        if count > flight.count:
-            flight.last_growth_at = self._last_arrival_at = now
+        if self.pace.counted(flight, count, now):
             self._moved_ok = True
-            flight.last_growth = (now, count)
-            if flight.first_growth is None and count > flight.baseline:
-                flight.first_growth = (now, count)
-        flight.count, flight.counted_at = count, now
 
     def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
         now = self.clock()
         seconds = now - (flight.first_issued_at or flight.issued_at)
-        moved = flight.count - flight.baseline
-        if moved > 0 and flight.issued_here:
-            speed = (now - flight.issued_at) / moved
-            self._s_per_instance = moving_average(self._s_per_instance, speed)
-            if flight.first_growth is not None and flight.count > flight.first_growth[1]:
-                at, count = flight.first_growth
-                pace = (flight.counted_at - at) / (flight.count - count)
-                self._s_per_delivered = moving_average(self._s_per_delivered, pace)
-        if flight.issued_here and flight.alone and flight.first_growth is not None:
-            self._s_to_first = moving_average(self._s_to_first, flight.first_growth[0] - flight.issued_at)
-        if flight.issued_here:
-            self._completions.append((flight.issued_at, now))
-            took = now - flight.issued_at
-            self._s_per_series = moving_average(self._s_per_series, took)
+        self.pace.proven(flight, now)
         # Proven now; written with the next series' `issued`, once its move is sent (or at
         # the end of this pass): one transaction between two moves instead of two.
         self.journal.transition(
@@ -1077,13 +818,13 @@ class Scheduler:
         refused = self._destination_refuses(flight)
         if refused is not None:
             # Not the series' fault either: the attempt is given back and moves wait.
-            if self.dest_pause.begin(refused):
+            if self.policy.destination.begin(refused):
                 self.journal.record("destination.full", {"why": refused})
                 log.warning("destination.full", why=refused, destination=self.cfg.destination.aet)
             self.journal.transition(
                 flight.uid, state, Event.SHORT, f"destination full: {refused}",
                 reason="destination full", received=flight.count, attempts=flight.attempt - 1,
-                next_attempt_at=self._retry_at(self.dest_pause.probe_at),
+                next_attempt_at=self.retry.note(self.policy.destination.probe_at),
             )  # fmt: skip
             return
         unreachable = flight.job_error or decision.reason
@@ -1094,7 +835,7 @@ class Scheduler:
             self.journal.transition(
                 flight.uid, state, Event.SHORT, "source unreachable",
                 reason="source unreachable", received=flight.count,
-                next_attempt_at=self._retry_at(self.source_pause.probe_at),
+                next_attempt_at=self.retry.note(self.policy.source.probe_at),
                 attempts=flight.attempt - 1,
             )  # fmt: skip
             return
@@ -1113,10 +854,10 @@ class Scheduler:
             )
             log.warning("series.failed", series=short_uid(flight.uid), reason=final)
             return
-        when = self.clock() + self._backoff(flight.attempt)
+        when = self.clock() + self.retry.backoff(flight.attempt)
         self.journal.transition(
             flight.uid, state, Event.SHORT, reason,
-            reason=reason, received=flight.count, next_attempt_at=self._retry_at(when),
+            reason=reason, received=flight.count, next_attempt_at=self.retry.note(when),
         )  # fmt: skip
         log.info(
             "series.short", series=short_uid(flight.uid), received=flight.count,
@@ -1127,22 +868,23 @@ class Scheduler:
         """A move the PACS refused for resources or dropped: tell the throttle; None for a short of the series' own."""
         if flight.job_dimse is not None and (flight.job_dimse & 0xFF00) == 0xA700:
             why = f"refused for resources (0x{flight.job_dimse:04X})"
-            self._throttle_changed(self.throttle.refused(flight.issued_at, why))
+            self._throttle_changed(self.throttle.refused(flight.issued_at, why, flight.limit))
             return why
         if decision.pacs_full and flight.job_dimse is None and flight.issued_here and flight.count <= flight.baseline:
             # Acknowledged, then nothing arrived (or a later move overtook it): dropped from a full queue.
-            self._throttle_changed(self.throttle.dropped(flight.issued_at, "dropped: acknowledged, nothing delivered"))
-            return "dropped: acknowledged, nothing delivered"
+            why = "dropped: acknowledged, nothing delivered"
+            self._throttle_changed(self.throttle.dropped(flight.issued_at, why, flight.limit))
+            return why
         return None
 
     def _requeue(self, flight: Flight, state: State, why: str) -> bool:
         """Put a lost move's series back in line at once: no attempt spent, no back-off.
 
-        It was the PACS's queue, not the series. After FREE_REQUEUES losses of one series
-        in a run it is treated as the series' own problem (attempts and back-off).
+        It was the PACS's queue, not the series. After FREE_REQUEUES (retry.py) losses of
+        one series in a run it is treated as the series' own problem (attempts and back-off).
         """
-        n = self._requeues[flight.uid] = self._requeues.get(flight.uid, 0) + 1
-        if n > FREE_REQUEUES:
+        n = self.retry.free_requeue(flight.uid)
+        if n is None:
             return False
         self.journal.transition(
             flight.uid, state, Event.REQUEUED, why,

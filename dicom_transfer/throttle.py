@@ -80,31 +80,36 @@ class Throttle:
             return self.recover_after
         return self.recover_after * 2 ** min(max(self.repeats - 1, 0), MAX_DOUBLINGS)
 
-    def dropped(self, issued_at: float, why: str) -> dict[str, Any]:
-        """A move was acknowledged and dropped: halve (once per burst), keep issuing."""
-        self.drops += 1
-        return self._loss(issued_at, why)
+    def dropped(self, issued_at: float, why: str, at_limit: int | None = None) -> dict[str, Any]:
+        """A move was acknowledged and dropped: halve (once per burst), keep issuing.
 
-    def refused(self, issued_at: float, why: str) -> dict[str, Any]:
+        `at_limit`: the limit when the move was issued; a drop found after the limit grew
+        belongs to the limit it was sent under (that is the ceiling it proves).
+        """
+        self.drops += 1
+        return self._loss(issued_at, why, at_limit)
+
+    def refused(self, issued_at: float, why: str, at_limit: int | None = None) -> dict[str, Any]:
         """The PACS refused a move for resources: halve (once per burst) and hold while ours are there."""
         self.refusals += 1
         hold = self.cooldown_s * 2**self.hold_level
         self.hold_level += 1
         self.hold_until = max(self.hold_until, self.clock() + hold)
-        change = self._loss(issued_at, why)
+        change = self._loss(issued_at, why, at_limit)
         change["hold_s"] = hold
         return change
 
-    def _loss(self, issued_at: float, why: str) -> dict[str, Any]:
+    def _loss(self, issued_at: float, why: str, at_limit: int | None) -> dict[str, Any]:
         self.streak = 0
         if issued_at < self.cut_at:  # sent before the last cut: the same burst
             return self._change(self.limit, why + " (same burst)")
-        if self.ceiling == self.limit:
+        level = self.limit if at_limit is None else max(1, min(self.limit, at_limit))
+        if self.ceiling == level:
             self.repeats += 1
         else:
-            self.ceiling, self.repeats = self.limit, 1
+            self.ceiling, self.repeats = level, 1
         self.cut_at = self.clock()
-        return self._change(max(1, self.limit // 2), why)
+        return self._change(max(1, level // 2), why)
 
     def snapshot(self) -> dict[str, Any]:
         """What a resumed run starts from (recorded in the journal with every change)."""

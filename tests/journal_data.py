@@ -97,4 +97,10 @@ def write_journal(path: Path, plan: Plan) -> Path:
         db.execute(
             "INSERT OR REPLACE INTO meta VALUES ('batch', 'series.csv'), ('planned_at', ?)", (repr(plan.t0 - 60),)
         )
+        # Rows written behind the journal's back: its per-state tallies are made again from them.
+        for table in ("state_counts", "run_times"):
+            db.execute(f"DROP TABLE IF EXISTS {table}")
+        for trigger in ("series_state_counts", "series_run_times"):
+            db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    Journal(path).close()  # a writable open adds the tallies, filled from `series`
     return path

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dicom_transfer.config import load_config
-from dicom_transfer.journal import Journal
-from dicom_transfer.orthanc import Destination, LocalOrthanc
-from dicom_transfer.scheduler import (
+from dicom_transfer.flights import (
     HOT_POLL_S,
     OVERTAKEN_GRACE_S,
+    START_GRACE_MIN_S,
     Flight,
-    Scheduler,
+    Pace,
     Workers,
     hot_interval,
     predicted_end,
@@ -135,23 +133,28 @@ def test_an_idle_worker_ends_after_idle_s(monkeypatch: pytest.MonkeyPatch) -> No
 # -- dropped moves: "a later move arrived whole" ---------------------------------------
 
 
-def overtaken_case(tmp_path: Path, completions: list[tuple[float, float]], now: float) -> bool:
+def overtaken_case(tmp_path: Path, completions: list[tuple[float, float]], now: float,
+                   s_to_first: float | None = None, others: tuple[Flight, ...] = ()) -> bool:  # fmt: skip
     """Move A issued at t=0, acknowledged at 0.01, nothing delivered; `completions` are
-    (issued_at, complete at) of other moves of the run. Is A judged dropped at `now`?"""
-    cfg = load_config(None, env={})
-    local, dest = LocalOrthanc("http://127.0.0.1:9"), Destination("http://127.0.0.1:9")
-    scheduler = Scheduler(cfg, Journal(tmp_path / "j.sqlite"), local, dest, clock=lambda: now)
-    scheduler._completions.extend(completions)
-    scheduler._last_arrival_at = max((at for _, at in completions), default=0.0)
+    (issued_at, complete at) of other moves of the run, `others` the moves still in
+    flight. Is A judged dropped at `now`?"""
+    pace = Pace(poll_s=0.05, stall_s=30.0)
+    pace.completions.extend(completions)
+    pace.last_arrival_at = max((at for _, at in completions), default=0.0)
+    pace.s_to_first = s_to_first
     flight = Flight("1.2.3", "1.2", expected=10, attempt=1, issued_at=0.0, baseline=0)
     flight.job_ended_at, flight.job_succeeded, flight.counted_at = 0.01, True, now
-    return scheduler._overtaken(flight, now)
+    return pace.dropped(flight, (flight, *others), now)
 
 
 def test_a_move_is_dropped_once_a_later_one_is_whole_for_the_grace(tmp_path: Path) -> None:
     later_whole_at = 0.4
     assert not overtaken_case(tmp_path, [(0.001, later_whole_at)], later_whole_at + OVERTAKEN_GRACE_S / 2)
     assert overtaken_case(tmp_path, [(0.001, later_whole_at)], later_whole_at + OVERTAKEN_GRACE_S)
+    # A PACS known to start a move fast: had ours been queued behind the later one, it would
+    # have started within the start grace (0.2 s here), which is then the wait.
+    assert not overtaken_case(tmp_path, [(0.001, later_whole_at)], later_whole_at + 0.19, s_to_first=0.05)
+    assert overtaken_case(tmp_path, [(0.001, later_whole_at)], later_whole_at + 0.2, s_to_first=0.05)
 
 
 def test_an_earlier_move_arriving_says_nothing_about_ours(tmp_path: Path) -> None:
@@ -164,3 +167,18 @@ def test_no_move_whole_after_ours_means_no_drop_yet(tmp_path: Path) -> None:
     whole) may be ahead of ours in the PACS's queue, so it proves nothing (the stall rule
     still applies)."""
     assert not overtaken_case(tmp_path, [], 10.0)
+
+
+def test_a_quiet_pacs_with_nothing_earlier_of_ours_dropped_it(tmp_path: Path) -> None:
+    """Nothing issued before ours in flight and the PACS quiet for 4x a lone move's start: dropped."""
+    last_arrival = 0.4  # an earlier move's last instance
+    assert not overtaken_case(tmp_path, [(-0.1, last_arrival)], last_arrival + 0.39, s_to_first=0.1)
+    assert overtaken_case(tmp_path, [(-0.1, last_arrival)], last_arrival + 0.4, s_to_first=0.1)
+    # The grace never goes below START_GRACE_MIN_S however fast a lone move starts.
+    assert not overtaken_case(tmp_path, [(-0.1, 0.4)], 0.4 + START_GRACE_MIN_S * 0.9, s_to_first=0.001)
+
+
+def test_a_move_of_ours_still_ahead_in_the_queue_means_no_drop(tmp_path: Path) -> None:
+    """An earlier move of ours still in flight may be what the PACS is busy with: no drop by quiet."""
+    earlier = Flight("1.2.4", "1.2", expected=10, attempt=1, issued_at=-0.5, baseline=0)
+    assert not overtaken_case(tmp_path, [], 100.0, s_to_first=0.01, others=(earlier,))

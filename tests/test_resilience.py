@@ -247,9 +247,11 @@ def test_limit_follows_a_pacs_queue_that_shrinks_and_grows_back(same: Stack, tmp
     print("Q2:", r["marks"], r["timeline"], r["regained_after"])
     assert (r["exit"], r["complete"], r["duplicates"], r["missing"]) == (0, 30, 0, 0), r["stderr"]
     one, three = r["marks"]["queue 1"], r["marks"]["queue 3"]
-    # Down at once: the first cut after the queue shrank is no more than a few completes later, to 1.
+    # Down at the first drop found: the PACS still finishes the up to 3 moves it held, and a drop shows once a
+    # move sent after it is whole (or the PACS goes quiet): the first cut comes within 5 completes, to 1.
     after_one = [(done, limit) for done, limit, _ in r["timeline"] if done >= one]
-    assert after_one and after_one[0][0] <= one + 3, r["timeline"]
+    assert after_one and after_one[0][0] <= one + 5, r["timeline"]
     assert min(limit for done, limit in after_one if done < three) == 1, r["timeline"]
-    # Back up: limit 3 again within 2 × recover_after (+ one for the complete in flight) after the queue grew.
-    assert r["regained_after"] is not None and r["regained_after"] <= 2 * 3 + 1, r["timeline"]
+    # Back up: limit 3 again (for good) within ~2 × recover_after completes after the queue grew; a drop
+    # of a move sent under queue 1 may still be found just after it (+ a few completes).
+    assert r["regained_after"] is not None and r["regained_after"] <= 2 * 3 + 3, r["timeline"]

@@ -240,3 +240,13 @@ def test_change_dicts_carry_from_to_why_and_the_state(clock: FakeClock):
                      "drops": 0, "refusals": 1, "hold_s": 5.0}  # fmt: skip
     assert second is not None and (second["from"], second["to"], second["why"]) == (2, 3, "recovered")
     assert t.changes == [first, second]
+
+
+def test_a_late_found_drop_counts_at_the_limit_it_was_sent_under(clock: FakeClock):
+    """A drop found after the limit grew cuts from (and sets the ceiling at) the limit of its issue."""
+    t = make(clock, max_in_flight=4, recover_after=1)
+    t.limit = 3
+    sent = clock()
+    clock.advance(1)
+    change = t.dropped(sent, "late", at_limit=2)
+    assert (t.ceiling, t.limit, change["to"]) == (2, 1, 1)
