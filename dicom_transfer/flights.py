@@ -27,6 +27,9 @@ RECOUNT_EVERY_S = 1.0  # `/changes` is a hint: re-count in-flight series at leas
 HOT_S, HOT_POLL_S, HOT_BACKOFF = 2.0, 0.002, 0.1
 OVERTAKEN_GRACE_S = 0.5  # a later move whole this long, ours acknowledged and empty: ours was dropped
 START_GRACE_MIN_S = 0.2  # the least quiet at an otherwise idle PACS that proves a move dropped
+# After a proof, while another of our moves keeps the PACS busy, the next move waits this
+# share of a series' time (at most SETTLE_MAX_S) for the PACS to end the one just proven.
+SETTLE_SHARE, SETTLE_MAX_S = 0.25, 0.1
 
 
 @dataclass
@@ -123,8 +126,22 @@ class Pace:
 
     @staticmethod
     def young_job(flight: Flight, now: float) -> bool:
-        """A move job still running and younger than HOT_S (a blocking move wakes the loop itself)."""
-        return flight.future is None and flight.job_ended_at is None and now - flight.issued_at < HOT_S
+        """A move whose end is near and only a count will show: looked at from its predicted end.
+
+        A move job still running and younger than HOT_S; or a move the PACS answered
+        before sending (an asynchronous PACS) that is delivering, its last growth younger
+        than HOT_S: nothing else wakes the loop when its last instance lands, and with one
+        move in flight the PACS waits for that. A blocking move still running wakes the
+        loop itself when it returns.
+        """
+        if flight.job_ended_at is None:
+            return flight.future is None and now - flight.issued_at < HOT_S
+        return (
+            flight.last_growth is not None
+            and flight.expected is not None
+            and flight.count < flight.expected
+            and now - flight.last_growth[0] < HOT_S
+        )
 
     def hot_interval(self, flight: Flight, now: float) -> float | None:
         """How often to count a young move now; None while it is not (or no longer) near its end."""
@@ -182,6 +199,21 @@ class Pace:
             self.s_to_first = moving_average(self.s_to_first, flight.first_growth[0] - flight.issued_at)
         self.completions.append((flight.issued_at, now))
         self.s_per_series = moving_average(self.s_per_series, now - flight.issued_at)
+
+    @staticmethod
+    def pacs_done(flight: Flight) -> bool:
+        """Whether the PACS has ended this move: its final answer came after the series' instances.
+
+        An asynchronous PACS answers before it sends (the answer says nothing of the end),
+        and a move proven by its count may be whole before the PACS's final answer.
+        """
+        if flight.job_ended_at is None:
+            return False
+        return flight.first_growth is None or flight.job_ended_at >= flight.first_growth[0]
+
+    def settle_s(self) -> float:
+        """How long to leave a PACS to end a move (answer, release) before the next goes out."""
+        return min(SETTLE_MAX_S, SETTLE_SHARE * (self.s_per_series or 0.0))
 
     # -- drops ----------------------------------------------------------------------------
 

@@ -806,6 +806,11 @@ class Scheduler:
             self._tell("series.more_than_expected", warn=True, series=short_uid(flight.uid), received=flight.count)
         if self.after is not None:
             self.after_queue.append(flight.uid)
+        if self.flights and not self.pace.pacs_done(flight):
+            # The PACS may still be ending this move (its last response, the association's
+            # release) while our next one waits in its queue: a move sent now could find
+            # its queue full. Nothing is lost by waiting a little: the PACS has work.
+            self.throttle.space(self.pace.settle_s())
         change = self.throttle.completed()
         if change:
             self._throttle_changed(change)

@@ -58,6 +58,10 @@ class Throttle:
             self.hold_until = 0.0  # nothing of ours at the PACS: it is idle, the hold is over
         return True
 
+    def space(self, seconds: float) -> None:
+        """No new move for `seconds` from now (a spacing; never shortens one already set)."""
+        self.not_before = max(self.not_before, self.clock() + seconds)
+
     def issued(self) -> None:
         """A move was issued: the next waits at least `pause_s`."""
         self.not_before = max(self.not_before, self.clock() + self.pause_s)
