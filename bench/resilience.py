@@ -605,9 +605,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def qrscp_source(workdir: Path, series: list[SyntheticSeries], centre: OrthancProcess) -> Iterator[str]:
-    """`python -m pynetdicom qrscp` (its SQLite database via sqlalchemy), filled with storescu, as QRSCP."""
+def qrscp_source(
+    workdir: Path, series: list[SyntheticSeries], centre: OrthancProcess, *, move_destination: bool = True
+) -> Iterator[str]:
+    """`python -m pynetdicom qrscp` (its SQLite database via sqlalchemy), filled with storescu, as QRSCP.
+
+    `move_destination=False`: the local Orthanc's AE title is not in its config (C-MOVE to
+    it fails with 0xA801; C-GET needs no such entry).
+    """
     port = free_port()
+    known = f"[{centre.spec.aet}]\n    address: {HOST}\n    port: {centre.spec.dicom_port}\n"
+    known = known if move_destination else ""
     config = workdir / "qrscp.ini"
     config.write_text(
         "[DEFAULT]\n"
@@ -616,8 +624,7 @@ def qrscp_source(workdir: Path, series: list[SyntheticSeries], centre: OrthancPr
         f"    bind_address: {HOST}\n"
         f"    instance_location: {workdir / 'qrscp-instances'}\n"
         f"    database_location: {workdir / 'qrscp.sqlite'}\n"
-        "    log_identifier: False\n\n"
-        f"[{centre.spec.aet}]\n    address: {HOST}\n    port: {centre.spec.dicom_port}\n"
+        "    log_identifier: False\n\n" + known
     )
     with open(workdir / "qrscp.log", "wb") as log:
         proc = subprocess.Popen(

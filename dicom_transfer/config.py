@@ -40,6 +40,7 @@ LOCAL_PASSWORD_ENV = "DICOM_TRANSFER_LOCAL_PASSWORD"
 DESTINATION_PASSWORD_ENV = "DICOM_TRANSFER_DESTINATION_PASSWORD"
 
 MOVE_METHODS = ("auto", "move-job", "retrieve-job", "blocking")
+RETRIEVES = ("move", "get")  # transfer.retrieve: C-MOVE to destination.aet, or C-GET into the local Orthanc
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
@@ -94,6 +95,7 @@ class TransferConfig:
     cooldown_s: float = 10.0
     unreachable_s: float = 900.0
     move_method: str = "auto"  # auto | move-job | retrieve-job
+    retrieve: str = "move"  # move | get (C-GET: lands in the local Orthanc, needs Orthanc >= 1.12.6)
 
 
 @dataclass(frozen=True)
@@ -573,6 +575,7 @@ _SPEC: Spec = {
         "cooldown_s": _float(0),
         "unreachable_s": _float(0),
         "move_method": _choice(MOVE_METHODS),
+        "retrieve": _choice(RETRIEVES),
     },
     "filter": {
         "modalities": {"include": _patterns, "exclude": _patterns},
@@ -683,6 +686,37 @@ def _transfer(ctx: _Ctx, values: dict[str, Any]) -> TransferConfig:
     return transfer
 
 
+def _same_url(a: str, b: str) -> bool:
+    """Whether two REST urls name the same server (scheme, host and port; trailing slashes ignored)."""
+
+    def key(url: str) -> tuple[str, str, int | None, str]:
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+        return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+    return key(a) == key(b)
+
+
+def _check_retrieve(ctx: _Ctx, local: LocalConfig, destination: DestinationConfig, transfer: TransferConfig) -> None:
+    """C-GET stores into the Orthanc that issued it: the local one must be the destination."""
+    if transfer.retrieve != "get":
+        return
+    if destination.url is not None and not _same_url(destination.url, local.url):
+        raise ctx.error(
+            "transfer.retrieve",
+            f"get: a C-GET lands in the local Orthanc ({local.url}), but destination.url is {destination.url};"
+            " set destination.url to null (or to local.url), or use retrieve: move"
+            " (a relay mode may later forward what C-GET brings in)",
+        )
+    if transfer.move_method != "auto":
+        raise ctx.error(
+            "transfer.move_method",
+            f"must be auto with transfer.retrieve: get (C-GET always runs as an asynchronous job),"
+            f" got {transfer.move_method}",
+        )
+
+
 def _window(ctx: _Ctx, values: dict[str, Any] | None) -> WindowConfig | None:
     if values is None:
         return None
@@ -730,11 +764,13 @@ def load_config(
 
     local = LocalConfig(**values.get("local", {}), password=_env_value(env, LOCAL_PASSWORD_ENV))
     destination = DestinationConfig(**values.get("destination", {}), password=_env_value(env, DESTINATION_PASSWORD_ENV))
+    transfer = _transfer(ctx, values.get("transfer", {}))
+    _check_retrieve(ctx, local, destination, transfer)
     return Config(
         local=local,
         source=_source(ctx, values.get("source", {})),
         destination=destination,
-        transfer=_transfer(ctx, values.get("transfer", {})),
+        transfer=transfer,
         filter=_filter(values.get("filter", {})),
         window=_window(ctx, values.get("window")),
         export=values.get("export"),

@@ -151,3 +151,9 @@ class DestinationUnknown(DicomTransferError):
     """The source does not know the destination AE title: stop issuing moves."""
 
     exit_code = 2
+
+
+class RetrieveRefused(DicomTransferError):
+    """The source refuses C-GET as such (transfer.retrieve: get): stop issuing."""
+
+    exit_code = 2

@@ -458,6 +458,10 @@ class OrthancRest:
         self._system = result
         return result
 
+    def system_known(self) -> dict[str, Any]:
+        """The last `GET /system` answer (asked now if there was none)."""
+        return self._system or self.system()
+
     def version(self) -> tuple[int, ...]:
         """The version the last `GET /system` gave (the start-up check asks it): no second call."""
         return self._version if self._version is not None else parse_version(self.system()["Version"])
@@ -508,6 +512,13 @@ class JobStatus:
 MOVE_JOB = "move-job"  # ≥ 1.11.1: asynchronous /modalities/{id}/move → job
 RETRIEVE_JOB = "retrieve-job"  # 1.10: /modalities/{id}/query → /answers/0/retrieve → job
 BLOCKING = "blocking"  # any version: synchronous /modalities/{id}/move, run from a worker thread
+GET_JOB = "get-job"  # transfer.retrieve: get, >= 1.12.6: asynchronous /modalities/{id}/get → job (C-GET)
+
+C_GET_SINCE = (1, 12, 6)  # the first Orthanc that is a C-GET SCU (`POST /modalities/{id}/get`)
+# Orthanc's words (1.12.7) when the PACS accepts no presentation context for the C-GET.
+_NO_CONTEXT = ("No acceptable presentation context", "Unable to negotiate a presentation context")
+GET_UNSUPPORTED = "C-GET not supported by the source (SOP class not accepted)"
+GET_SILENT = "C-GET answered without sending anything (Orthanc reports no DIMSE status for a C-GET)"
 
 
 _ASSOCIATION_FAILURES = (
@@ -524,15 +535,30 @@ def is_association_failure(text: str | None) -> bool:
     return text is not None and any(marker in text for marker in _ASSOCIATION_FAILURES)
 
 
-def choose_move_method(version: tuple[int, ...]) -> str:
+def choose_move_method(version: tuple[int, ...], retrieve: str = "move") -> str:
     """The move path for this Orthanc.
 
     ≥ 1.11.1: asynchronous move jobs (synchronous retrieves serialise behind one mutex in
     1.12.6–1.12.10). Older: the blocking move from a worker thread, which the benchmark
     measured faster than the query → retrieve job (one C-FIND less per move, no job to
-    poll); `retrieve-job` stays available as `transfer.move_method`.
+    poll); `retrieve-job` stays available as `transfer.move_method`. `retrieve="get"`:
+    the asynchronous C-GET job (the version was checked at start, see `check_c_get`).
     """
+    if retrieve == "get":
+        return GET_JOB
     return MOVE_JOB if version >= (1, 11, 1) else BLOCKING
+
+
+def check_c_get(version: tuple[int, ...], url: str) -> str | None:
+    """Why this Orthanc cannot issue a C-GET (None when it can, i.e. ≥ 1.12.6)."""
+    if version >= C_GET_SINCE:
+        return None
+    found = ".".join(map(str, version))
+    need = ".".join(map(str, C_GET_SINCE))
+    return (
+        f"get: the local Orthanc at {url} is {found}; Orthanc issues C-GET (as SCU) only from {need}:"
+        " upgrade it, or use retrieve: move"
+    )
 
 
 def positive_int(value: Any) -> int | None:
@@ -656,6 +682,8 @@ class LocalOrthanc(OrthancRest):
             return self._start_move_job(modality, target_aet, study_uid, series_uid, timeout_s, sop_uids)
         if method == RETRIEVE_JOB:
             return self._start_retrieve_job(modality, target_aet, study_uid, series_uid, sop_uids)
+        if method == GET_JOB:  # a C-GET has no target: the instances land in this Orthanc
+            return self._start_get_job(modality, study_uid, series_uid, timeout_s, sop_uids)
         raise ValueError(f"unknown move method {method!r}")
 
     def move_blocking(
@@ -710,6 +738,23 @@ class LocalOrthanc(OrthancRest):
             raise OrthancError(None, url, "no job id in the answer (Orthanc < 1.11.1?)")
         return str(created["ID"])
 
+    def _start_get_job(
+        self, modality: str, study_uid: str, series_uid: str, timeout_s: float, sop_uids: list[str] | None
+    ) -> str:
+        """`POST /modalities/{id}/get` (≥ 1.12.6), asynchronous: a `DicomGetScu` job.
+
+        Same body as a move without `TargetAet` (checked on 1.12.7). Not retried once it may
+        have reached Orthanc, like a move. Its job ends Success whatever the PACS's final
+        C-GET status (0xA702, 0xC000 and 0xB000 all checked on 1.12.7): only the count tells.
+        """
+        body = self._move_body("", study_uid, series_uid, timeout_s, sop_uids)
+        del body["TargetAet"]
+        created = self.post(f"/modalities/{modality}/get", {**body, "Asynchronous": True}, idempotent=False)
+        if not isinstance(created, dict) or "ID" not in created:
+            url = f"{self.url}/modalities/{modality}/get"
+            raise OrthancError(None, url, "no job id in the answer (Orthanc < 1.12.6?)")
+        return str(created["ID"])
+
     def _start_retrieve_job(
         self,
         modality: str,
@@ -745,8 +790,11 @@ class LocalOrthanc(OrthancRest):
             raise
         state = str(job.get("State"))
         if state == "Failure":
-            details = job.get("ErrorDetails") or job.get("ErrorDescription") or "move failed"
-            return JobStatus(state, str(details), parse_dimse_status(str(details)))
+            details = str(job.get("ErrorDetails") or job.get("ErrorDescription") or "move failed")
+            said = f"{job.get('ErrorDescription')} {details}"
+            if job.get("Type") == "DicomGetScu" and any(words in said for words in _NO_CONTEXT):
+                details = f"{GET_UNSUPPORTED}: {details}"
+            return JobStatus(state, details, parse_dimse_status(details))
         return JobStatus(state)
 
     def cancel_job(self, job_id: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from .cget import every_get_silent, refused_as_such, sent_nothing, silent_reason
 from .config import Config
 from .errors import DestinationUnknown, MoveRefused, OrthancError, Unreachable
 from .flights import HOT_POLL_S, OVERTAKEN_GRACE_S, Flight, Pace, Workers, hot_interval, predicted_end
@@ -29,6 +30,7 @@ from .journal import Journal, SeriesRow
 from .lookahead import Lookahead
 from .orthanc import (
     BLOCKING,
+    GET_JOB,
     Destination,
     JobStatus,
     LocalOrthanc,
@@ -159,7 +161,7 @@ class Scheduler:
     def run(self) -> RunResult:
         """Run until every series is complete or failed, or until told to stop."""
         if self.method == "auto":
-            self.method = choose_move_method(self.local.version())
+            self.method = choose_move_method(self.local.version(), self.t.retrieve)
         self.change_mark = self.dest.last_change()
         self.journal.defer_checkpoints()
         learned = self.journal.meta("throttle")
@@ -762,6 +764,9 @@ class Scheduler:
         flight.job_succeeded = status.succeeded
         flight.job_error, flight.job_dimse = status.error, status.dimse_status
         self._check_a801(status.dimse_status)
+        refused = None if self._moved_ok else refused_as_such(self.method, status, self.cfg.source.modality)
+        if refused is not None:  # a source without the C-GET service: stop, as for 0xA801
+            raise refused
         flight.job_detail = status.state + (f": {status.error}" if status.error else "")
         self._tell("move.ended", series=short_uid(flight.uid), job_state=status.state, dimse=status.dimse_status)
         return True
@@ -845,8 +850,13 @@ class Scheduler:
             )  # fmt: skip
             return
         reason = decision.reason or "short"
+        if sent_nothing(self.method, flight.job_succeeded, flight.count, flight.baseline):
+            if flight.attempt >= self.t.max_attempts and not self._moved_ok:  # no C-GET of this run delivered
+                raise every_get_silent(flight.attempt, short_uid(flight.uid), self.cfg.source.modality,
+                                       self.local.system_known().get("DicomAet"))  # fmt: skip
+            reason = silent_reason(flight.count, flight.expected)
         if flight.job_error and "refused" not in reason:
-            reason += f"; move job: {flight.job_error}"
+            reason += f"; {'get' if self.method == GET_JOB else 'move'} job: {flight.job_error}"
         if flight.subset and flight.count <= flight.baseline:
             self._series_only.add(flight.uid)  # the instance-level move did nothing: next time the series
         lost = self._lost(flight, decision)
@@ -875,7 +885,8 @@ class Scheduler:
             why = f"refused for resources (0x{flight.job_dimse:04X})"
             self._throttle_changed(self.throttle.refused(flight.issued_at, why, flight.limit))
             return why
-        if decision.pacs_full and flight.job_dimse is None and flight.issued_here and flight.count <= flight.baseline:
+        if (decision.pacs_full and flight.job_dimse is None and flight.issued_here and flight.count <= flight.baseline
+                and not sent_nothing(self.method, flight.job_succeeded, flight.count, flight.baseline)):  # fmt: skip
             # Acknowledged, then nothing arrived (or a later move overtook it): dropped from a full queue.
             why = "dropped: acknowledged, nothing delivered"
             self._throttle_changed(self.throttle.dropped(flight.issued_at, why, flight.limit))

@@ -129,11 +129,13 @@ def orthanc_config(
         "StableAge": 60,
         "LimitFindResults": 0,
         "LimitFindInstances": 0,
-        # All four are known to 1.10.1 (checked in its binary and start-up log).
+        # All five are known to 1.10.1 (checked in its binary and start-up log). C-GET
+        # from any AE title: a PACS that does not know the caller still serves its C-GET.
         "DicomAlwaysAllowEcho": True,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowFind": True,
         "DicomAlwaysAllowMove": True,
+        "DicomAlwaysAllowGet": True,
         "DicomCheckModalityHost": False,
         "Plugins": [],
         "StorageCompression": False,

@@ -18,7 +18,7 @@ from .batch import BatchCheck, BatchRow, check_batch, iter_batch
 from .config import Config
 from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable, Untrusted
 from .journal import PLAN_CHUNK, Journal, file_digest, peek_meta
-from .orthanc import Destination, LocalOrthanc, OrthancRest
+from .orthanc import Destination, LocalOrthanc, OrthancRest, check_c_get
 from .report import build_report, write_report
 from .runlock import JournalLock
 from .scheduler import RunResult, Scheduler, StopFlag
@@ -87,6 +87,11 @@ def open_local(cfg: Config, *, timeout_s: float = 30.0, deadline_s: float = STAR
 def connect(cfg: Config, *, deadline_s: float = START_DEADLINE_S) -> tuple[LocalOrthanc, Destination]:
     """Open both REST ends and check at once that they answer and know the source."""
     local = open_local(cfg, deadline_s=deadline_s)
+    if cfg.transfer.retrieve == "get":
+        why = check_c_get(local.version(), local.url)
+        if why is not None:
+            local.close()
+            raise ConfigError("transfer.retrieve", why)
     user, password = cfg.destination_auth() or (None, None)
     dest = Destination(
         cfg.destination_url(), user, password,
