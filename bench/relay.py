@@ -131,7 +131,8 @@ def main() -> None:
             try:
                 pacs.register_in(wan.stack.centre)  # BADPACS; CENTRE its move destination
                 pacs.add_destination(DEST_AET, HOST, wan.dest_dicom_port)  # DEST across the link
-                results = {m: run(wan, pacs, work, m, series, args.in_flight) for m in ("loopback", "direct", "relay")}
+                here = work / f"rtt{rtt:.0f}"  # its own batches and journals: a journal left would resume
+                results = {m: run(wan, pacs, here, m, series, args.in_flight) for m in ("loopback", "direct", "relay")}
             finally:
                 pacs.stop()
         for mode, r in results.items():
