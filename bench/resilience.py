@@ -152,6 +152,18 @@ def complete_but_short(path: Path, dest: OrthancRest) -> list[str]:
     return bad
 
 
+def deleted_too_soon(path: Path, local: OrthancRest, dest: OrthancRest) -> list[str]:
+    """Relay mode: series that left the local Orthanc (whole or in part) before the destination held them whole."""
+    bad = []
+    for row in journal_rows(path):
+        if row["state"] not in ("held_local", "forwarding", "complete") or row["expected"] is None:
+            continue
+        here, there = count_at(local, row["uid"]), count_at(dest, row["uid"])
+        if here < row["expected"] and there < row["expected"]:
+            bad.append(f"{row['uid']}: {row['state']}, local {here}, destination {there} of {row['expected']}")
+    return bad
+
+
 def wait_until(
     condition: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -335,17 +347,22 @@ def r2_abort(
 def r3_kills(
     local: OrthancProcess, pacs: MisbehavingPacs, series: list[SyntheticSeries], workdir: Path,
     *, kills: int = 10, seed: int = 5, window: tuple[float, float] = (0.35, 1.2), dest: OrthancProcess | None = None,
-    method: str = "auto",
+    method: str = "auto", relay: bool = False,
 ) -> Result:  # fmt: skip
     """Kill the CLI with SIGKILL `kills` times at seeded random delays, re-running after each.
 
     After every kill the journal is checked against the destination: nothing complete
     while the destination holds fewer than expected. Then a last run finishes the batch.
+    `relay=True` (transfer.mode relay, `dest` a separate Orthanc): also nothing deleted
+    from the local Orthanc before the destination holds it whole.
     """
     dest = dest or local
     rng = random.Random(seed)
     batch = write_batch_csv(series, workdir / "series.csv")
-    cfg = write_config(workdir / "t.yaml", local.url, max_attempts=10, move_method=method)
+    extra: dict[str, Any] = {}
+    if relay:
+        extra = {"dest_aet": dest.spec.aet, "dest_url": dest.url, "mode": "relay"}
+    cfg = write_config(workdir / "t.yaml", local.url, max_attempts=10, move_method=method, **extra)
     journal = workdir / "series.journal.sqlite"
     violations: list[str] = []
     codes: list[int] = []
@@ -362,12 +379,17 @@ def r3_kills(
             proc.wait()
             codes.append(-9)
             violations += complete_but_short(journal, dest.rest)
+            if relay:
+                violations += deleted_too_soon(journal, local.rest, dest.rest)
             killed_at.append((round(delay, 2), sum(r["state"] == "complete" for r in journal_rows(journal))))
         seconds += time.monotonic() - started
     res, last = run_timed("--batch", batch, "--config", cfg, "--json")
     codes.append(res.returncode)
     seconds += last
-    out = _finish(f"R3 kill -9 x{kills} ({method})", series, journal, dest.rest, seconds, codes, pacs, res.stderr)
+    if relay:
+        violations += deleted_too_soon(journal, local.rest, dest.rest)
+    name = f"R3 kill -9 x{kills} ({method}{', relay' if relay else ''})"
+    out = _finish(name, series, journal, dest.rest, seconds, codes, pacs, res.stderr)
     out.extra.update(violations=violations, killed_at=killed_at)
     n_killed = sum(c == -9 for c in codes)
     progress = ",".join(str(done) for _, done in killed_at)

@@ -169,6 +169,9 @@ class _progress:
             f"{instances} inst, {rate:.0f} inst/s, in flight {flying}/{counts.get('limit', '?')},"
             f" failed {counts['failed']}, retry {counts['waiting_retry']}"
         )
+        held, forwarding = counts.get("held_local", 0), counts.get("forwarding", 0)
+        if held or forwarding:  # relay mode: the second half, local Orthanc → destination
+            detail += f", at local {held + forwarding} (forwarding {forwarding})"
         if self.bar is not None:
             self.bar.update(self.task, total=total, completed=done, detail=detail)
         elif not self.quiet and time.monotonic() - self.last >= PROGRESS_EVERY_S:
@@ -217,6 +220,9 @@ def status(
         typer.echo(f"planning  not finished (batch line {info['plan']['line'] or 0} reached)")
     typer.echo("states    " + ", ".join(f"{k} {v}" for k, v in info["states"].items() if v))
     typer.echo(f"instances {s['instances']}")
+    if s.get("at_local"):
+        typer.echo(f"relay     {s['at_local']} series ({s['instances_at_local']} instances) at the local Orthanc,"
+                   f" not yet at the destination")  # fmt: skip
     if info["series_per_minute"]:
         typer.echo(f"rate      {info['series_per_minute']} series/min, eta {info['eta_seconds']} s")
     for step, c in info.get("steps", {}).items():

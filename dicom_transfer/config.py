@@ -41,6 +41,7 @@ DESTINATION_PASSWORD_ENV = "DICOM_TRANSFER_DESTINATION_PASSWORD"
 
 MOVE_METHODS = ("auto", "move-job", "retrieve-job", "blocking")
 RETRIEVES = ("move", "get")  # transfer.retrieve: C-MOVE to destination.aet, or C-GET into the local Orthanc
+TRANSFER_MODES = ("direct", "relay")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
@@ -96,6 +97,16 @@ class TransferConfig:
     unreachable_s: float = 900.0
     move_method: str = "auto"  # auto | move-job | retrieve-job
     retrieve: str = "move"  # move | get (C-GET: lands in the local Orthanc, needs Orthanc >= 1.12.6)
+    mode: str = "direct"  # direct: the PACS sends to the destination; relay: to the local Orthanc, then forwarded
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Relay mode (`transfer.mode: relay`): the local Orthanc holds, the controller forwards in bulk."""
+
+    max_local_gb: float = 10.0  # moves wait while the local Orthanc's storage (TotalDiskSize) is at least this
+    chunk_mb: float = 64.0  # one forward request carries a ZIP of at most about this many MB of instances
+    forward_timeout_s: float = 600.0  # deadline of one forward request (download or upload)
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,12 @@ class Config:
     path: Path | None
     base_dir: Path
     nifti: Mapping[str, Any] | None = None
+    relay: RelayConfig = field(default_factory=RelayConfig)
+
+    @property
+    def relay_mode(self) -> bool:
+        """True when series go PACS → local Orthanc → destination (`transfer.mode: relay`)."""
+        return self.transfer.mode == "relay"
 
     def destination_url(self) -> str:
         """The destination's REST url: `destination.url`, or the local Orthanc's."""
@@ -204,6 +221,7 @@ def config_summary(cfg: Config) -> dict[str, Any]:
         "tags": cfg.tags is not None,
         "anonymize": cfg.anonymize is not None,
         "nifti": cfg.nifti is not None,
+        **({"relay": asdict(cfg.relay)} if cfg.relay_mode else {}),
     }
 
 
@@ -576,6 +594,12 @@ _SPEC: Spec = {
         "unreachable_s": _float(0),
         "move_method": _choice(MOVE_METHODS),
         "retrieve": _choice(RETRIEVES),
+        "mode": _choice(TRANSFER_MODES),
+    },
+    "relay": {
+        "max_local_gb": _float(0, exclusive=True),
+        "chunk_mb": _float(0, exclusive=True),
+        "forward_timeout_s": _float(0, exclusive=True),
     },
     "filter": {
         "modalities": {"include": _patterns, "exclude": _patterns},
@@ -717,6 +741,18 @@ def _check_retrieve(ctx: _Ctx, local: LocalConfig, destination: DestinationConfi
         )
 
 
+def _check_relay(ctx: _Ctx, transfer: TransferConfig, local: LocalConfig, destination: DestinationConfig) -> None:
+    """Relay mode deletes the local copy once the destination holds it: they must be two servers."""
+    if transfer.mode != "relay":
+        return
+    if destination.url is None or destination.url.rstrip("/") == local.url.rstrip("/"):
+        raise ctx.error(
+            "transfer.mode",
+            "relay needs destination.url set to an Orthanc other than local.url (the local copy is"
+            " deleted once the destination holds the series)",
+        )
+
+
 def _window(ctx: _Ctx, values: dict[str, Any] | None) -> WindowConfig | None:
     if values is None:
         return None
@@ -766,6 +802,7 @@ def load_config(
     destination = DestinationConfig(**values.get("destination", {}), password=_env_value(env, DESTINATION_PASSWORD_ENV))
     transfer = _transfer(ctx, values.get("transfer", {}))
     _check_retrieve(ctx, local, destination, transfer)
+    _check_relay(ctx, transfer, local, destination)
     return Config(
         local=local,
         source=_source(ctx, values.get("source", {})),
@@ -777,6 +814,7 @@ def load_config(
         tags=values.get("tags"),
         anonymize=values.get("anonymize"),
         nifti=values.get("nifti"),
+        relay=RelayConfig(**(values.get("relay") or {})),
         path=file,
         base_dir=file.parent if file is not None else Path.cwd(),
     )

@@ -529,6 +529,13 @@ class Journal:
         first, last = times if times else (None, None)
         return {"total": total, "instances": instances, "first_issued_at": first, "last_finished_at": last}
 
+    def received_in(self, *states: State) -> int:
+        """Instances recorded as received by the series in `states` (from the tallies: no scan)."""
+        marks = ", ".join("?" * len(states))
+        table = "state_counts" if self._tallied else "series"
+        sql = f"SELECT COALESCE(SUM(received), 0) FROM {table} WHERE state IN ({marks})"
+        return int(self.db.execute(sql, [State(s).value for s in states]).fetchone()[0])
+
     def studies(self) -> list[dict[str, Any]]:
         keys = ("study_uid", "batch_line", "found", "planned", "reason")
         rows = self.db.execute(f"SELECT {', '.join(keys)} FROM studies ORDER BY batch_line")

@@ -51,6 +51,9 @@ def summary(journal: Journal, seconds: float | None = None) -> dict[str, Any]:
         "pending": total - complete - failed,
         "instances": totals["instances"],
         "seconds": round(seconds, 3) if seconds is not None else None,
+        # relay mode: proven whole at the local Orthanc, not yet at the destination (0 in direct mode)
+        "at_local": counts[State.HELD_LOCAL.value] + counts[State.FORWARDING.value],
+        "instances_at_local": journal.received_in(State.HELD_LOCAL, State.FORWARDING),
     }
 
 

@@ -39,6 +39,7 @@ from .orthanc import (
     dimse_from_error,
     is_association_failure,
 )
+from .relay import Forwarded, Relay
 from .retry import ELSEWHERE_WAIT_S, RetryPolicy
 from .runlock import SeriesClaims
 from .states import TRANSITIONS, Event, State, next_state
@@ -117,6 +118,7 @@ class Scheduler:
         on_progress: Callable[[dict[str, int]], None] | None = None,
         rng: random.Random | None = None,
         after: AfterArrival | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.cfg = cfg
         self.t = cfg.transfer
@@ -149,6 +151,11 @@ class Scheduler:
         # Series in flight on this machine, shared with other runs to the same destination.
         self.claims = SeriesClaims(f"{cfg.destination_url()}|{cfg.destination.aet}")
         self.after = after
+        # Relay mode: `dest` is the local Orthanc (where moves land), `relay` forwards to the destination.
+        self.relay = relay
+        self.target_aet = relay.store.aet() if relay is not None else cfg.destination.aet
+        if relay is not None:
+            relay.wake = lambda: self._returned.put(None)  # a forward ended: the loop writes it
         self.after_queue: deque[str] = deque(after.pending() if after else ())
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
         self._workers = Workers("move")
@@ -205,6 +212,7 @@ class Scheduler:
             # Judge the flights first: a series proven whole frees its slot, and the next
             # one (queried ahead while the last one moved) goes out in the same pass.
             progressed |= self._poll_flights()
+            progressed |= self._relay_step(now)
             if open_now and self._source_up(now) and self._destination_up(now):
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
@@ -334,6 +342,8 @@ class Scheduler:
         now = self.clock()
         if not self.flights:
             wakeups = [self.journal.next_retry_at(), *self.policy.wakeups(now, open_now)]
+            if self.relay is not None:
+                wakeups.append(self.relay.next_due())
             future = [w - now for w in wakeups if w is not None and w > now]
             wait = min(future) if future else self.t.poll_s
             wait = max(self.t.poll_s, min(wait, 5.0))  # wake up now and then for signals
@@ -354,7 +364,7 @@ class Scheduler:
 
     def _nap(self, seconds: float) -> None:
         """Sleep; while a list C-FIND runs on a worker, wake up as soon as it is done."""
-        if not self.lookahead.busy():
+        if not self.lookahead.busy() and not (self.relay is not None and self.relay.busy):
             self.sleep(seconds)
             return
         try:
@@ -375,6 +385,8 @@ class Scheduler:
 
     def _reclaim(self) -> None:
         """Rows left `moving`/`verifying` are verified again, never assumed complete."""
+        if self.relay is not None:
+            self._reclaim_relay()
         now = self.clock()
         for row in self.journal.rows(State.MOVING, State.VERIFYING):
             count = self.dest.count(row.uid)
@@ -403,6 +415,119 @@ class Scheduler:
             self.claims.take(row.uid)  # ours: the run that moved it is gone (it held the journal)
             self.flights[row.uid] = flight
             log.info("series.reclaimed", series=short_uid(row.uid), count=count, expected=row.expected)
+
+    # -- relay mode: held at the local Orthanc, forwarded to the destination ------------
+
+    def _held(self, uid: str, state: State, count: int, expected: int, first_issued_at: float | None,
+              *, defer: bool = False, **fields: Any) -> None:  # fmt: skip
+        """The local count proves the series whole: `held_local`, and in line for its forward."""
+        assert self.relay is not None
+        self.journal.transition(
+            uid, state, Event.HELD, f"count={count} at local", defer=defer,
+            received=count, reason=None, next_attempt_at=None, **fields,
+        )  # fmt: skip
+        self.relay.hold(uid, expected, first_issued_at)
+
+    def _at_destination(self, row: SeriesRow, answer: SeriesAnswer, expected: int) -> bool:
+        """Relay pre-check: the destination already holds the series whole → complete, no move."""
+        assert self.relay is not None
+        self.relay.dest.hint(row.uid, answer.patient_id, answer.study_uid)
+        have = self.relay.dest.count(row.uid, lookup=False)  # one GET across the link
+        if have < expected:
+            return False
+        self.journal.transition(
+            row.uid, State.PENDING, Event.PRESENT, f"count={have} at destination",
+            study_uid=answer.study_uid, expected=expected, received=have,
+            verified="count", finished_at=self.clock(),
+        )  # fmt: skip
+        log.info("series.present", series=short_uid(row.uid), count=have)
+        if self.after is not None:
+            self.after_queue.append(row.uid)
+        return True
+
+    def _relay_step(self, now: float) -> bool:
+        """Write what the forward worker found, and hand it the next held series."""
+        relay = self.relay
+        if relay is None:
+            return False
+        progressed = False
+        for done in relay.results():
+            self._forwarded(done)
+            progressed = True
+        held = relay.take(now)
+        if held is not None:
+            attempt = held.tries + 1
+            self.journal.transition(held.uid, State.HELD_LOCAL, Event.FORWARD, f"attempt={attempt}")
+            relay.start(held)
+            self._tell("forward.started", series=short_uid(held.uid), expected=held.expected, attempt=attempt)
+            progressed = True
+        return progressed
+
+    def _forwarded(self, done: Forwarded) -> None:
+        assert self.relay is not None
+        now = self.clock()
+        held = self.relay.held.get(done.uid)
+        if held is None:  # pragma: no cover - every forward starts from a held series
+            return
+        if done.outcome == "arrived":
+            self.relay.finished(done.uid)
+            first = held.first_issued_at
+            self.journal.transition(
+                done.uid, State.FORWARDING, Event.ARRIVED, f"count={done.count} sent={done.sent}",
+                received=done.count, verified="count", finished_at=now,
+                seconds=(now - first) if first else None, reason=None, next_attempt_at=None,
+            )  # fmt: skip
+            self._tell("series.complete", series=short_uid(done.uid), received=done.count, expected=held.expected,
+                       forwarded=done.sent, forward_s=round(done.seconds, 3), local_deleted=done.deleted)  # fmt: skip
+            if self.after is not None:
+                self.after_queue.append(done.uid)
+            return
+        if done.outcome == "lost":
+            self.relay.finished(done.uid)
+            self.journal.transition(done.uid, State.FORWARDING, Event.LOST_LOCAL, done.reason,
+                                    received=0, reason=done.reason)  # fmt: skip
+            self._pending.clear()  # back in `pending`: read again, in batch order
+            log.warning("series.lost_local", series=short_uid(done.uid), why=done.reason)
+            return
+        held.tries += 1
+        held.failures += 1 if done.refused else 0
+        reason = done.reason or "forward short"
+        if held.failures >= self.t.max_attempts:
+            self.relay.finished(done.uid)
+            final = f"{reason} after {held.failures} forwards"
+            self.journal.transition(done.uid, State.FORWARDING, Event.GIVE_UP, final, reason=final)
+            log.warning("series.failed", series=short_uid(done.uid), reason=final)
+            return
+        when = now + self.retry.backoff(held.tries)
+        self.journal.transition(done.uid, State.FORWARDING, Event.SHORT, reason, reason=reason, next_attempt_at=when)
+        self.relay.hold(done.uid, held.expected, held.first_issued_at, at=when)
+        log.info("forward.retry", series=short_uid(done.uid), why=reason, retry_in=round(when - now, 1))
+
+    def _reclaim_relay(self) -> None:
+        """Rows left `forwarding`/`held_local`: the destination is counted first, nothing sent twice."""
+        assert self.relay is not None
+        for row in self.journal.rows(State.FORWARDING, State.HELD_LOCAL):
+            expected = row.expected or row.received
+            if row.patient_id is not None and row.study_uid:
+                self.relay.dest.hint(row.uid, row.patient_id, row.study_uid)
+            count = self.relay.dest.count(row.uid)
+            if count >= expected:
+                self.relay.store.delete_series(row.uid)  # proven whole at the destination: the local copy goes
+                event = Event.ARRIVED if row.state is State.FORWARDING else Event.PRESENT
+                now = self.clock()
+                self.journal.transition(
+                    row.uid, row.state, event, f"count={count} at destination (reclaimed)",
+                    received=count, verified="count", finished_at=now, reason=None, next_attempt_at=None,
+                    seconds=(now - row.first_issued_at) if row.first_issued_at else None,
+                )  # fmt: skip
+                log.info("series.reclaimed", series=short_uid(row.uid), count=count, at="destination")
+                if self.after is not None:
+                    self.after_queue.append(row.uid)
+                continue
+            if row.state is State.FORWARDING:
+                self.journal.transition(row.uid, State.FORWARDING, Event.RECLAIM, f"count={count} at destination")
+            self.relay.hold(row.uid, expected, row.first_issued_at)
+            log.info("series.reclaimed", series=short_uid(row.uid), count=count, expected=expected, at="local")
 
     # -- retries ----------------------------------------------------------------------
 
@@ -486,11 +611,16 @@ class Scheduler:
             sop_uids = self._source_instances(answer.study_uid, row.uid)
             expected = len(sop_uids) if sop_uids else None
         self.dest.hint(row.uid, answer.patient_id, answer.study_uid)
+        if self.relay is not None and expected is not None and self._at_destination(row, answer, expected):
+            return
         if have is None:
             have = self.dest.count(row.uid, lookup=not listed)
         if expected is not None and have < expected and self.after is not None:
             # With anonymize.delete_original the original is gone once done: count the copy.
             have = max(have, self.after.copy_count(row.uid))
+        if expected is not None and have >= expected and self.relay is not None:
+            self._held(row.uid, State.PENDING, have, expected, row.first_issued_at, study_uid=answer.study_uid)
+            return
         if expected is not None and have >= expected:
             self.journal.transition(
                 row.uid, State.PENDING, Event.PRESENT, f"count={have}",
@@ -542,6 +672,8 @@ class Scheduler:
     # -- moves ------------------------------------------------------------------------
 
     def _issue(self) -> bool:
+        if self.relay is not None and self._ready and self.relay.full(self.clock()):
+            return False  # the local Orthanc holds relay.max_local_gb: moves wait for forwards to free it
         issued = False
         while self._ready and self.throttle.may_issue(len(self.flights)):
             self._start(heapq.heappop(self._ready)[1])
@@ -572,6 +704,10 @@ class Scheduler:
         if row.received <= 0 and not self.claims.others():
             return row
         count = self.dest.count(row.uid)
+        if row.expected is not None and count >= row.expected and self.relay is not None:
+            self.claims.release(row.uid)
+            self._held(row.uid, State.QUERIED, count, row.expected, row.first_issued_at)
+            return None
         if row.expected is not None and count >= row.expected:
             self.claims.release(row.uid)
             self.journal.transition(
@@ -630,7 +766,7 @@ class Scheduler:
             return
         try:
             job = self.local.start_move(
-                self.method, self.cfg.source.modality, self.cfg.destination.aet,
+                self.method, self.cfg.source.modality, self.target_aet,
                 row.study_uid or "", row.uid, self.t.move_timeout_s, subset,
             )  # fmt: skip
         except Unreachable:
@@ -659,7 +795,7 @@ class Scheduler:
         if self._mover is None:
             self._mover = self.local.clone()
         mover, future = self._mover, Future[JobStatus]()
-        source, target = self.cfg.source.modality, self.cfg.destination.aet
+        source, target = self.cfg.source.modality, self.target_aet
         args = (source, target, study_uid, series_uid, self.t.move_timeout_s, subset)
 
         def work() -> None:
@@ -779,7 +915,7 @@ class Scheduler:
         """
         if status == 0xA801 and not self._moved_ok:
             raise DestinationUnknown(
-                f"the source does not know the move destination AE title {self.cfg.destination.aet!r}"
+                f"the source does not know the move destination AE title {self.target_aet!r}"
                 " (C-MOVE status 0xA801): add it to the PACS's configuration"
             )
 
@@ -792,6 +928,18 @@ class Scheduler:
         now = self.clock()
         seconds = now - (flight.first_issued_at or flight.issued_at)
         self.pace.proven(flight, now)
+        if self.relay is not None:  # the first half is done: held whole at the local Orthanc
+            self._held(flight.uid, state, flight.count, flight.expected or flight.count, flight.first_issued_at,
+                       defer=True, verified=decision.verified, warning=decision.warning)  # fmt: skip
+            del self.flights[flight.uid]
+            self.claims.release(flight.uid)
+            self._destination_stores()
+            self._tell("series.held", series=short_uid(flight.uid), received=flight.count, expected=flight.expected,
+                       attempt=flight.attempt, seconds=round(now - flight.issued_at, 3))  # fmt: skip
+            change = self.throttle.completed()
+            if change:
+                self._throttle_changed(change)
+            return
         # Proven now; written with the next series' `issued`, once its move is sent (or at
         # the end of this pass): one transaction between two moves instead of two.
         self.journal.transition(
@@ -839,7 +987,7 @@ class Scheduler:
             return
         unreachable = flight.job_error or decision.reason
         if flight.job_dimse == 0xA801:  # (only reached once moves have worked: see _check_a801)
-            unreachable = f"DicomAssociation - connecting: the PACS could not reach {self.cfg.destination.aet}"
+            unreachable = f"DicomAssociation - connecting: the PACS could not reach {self.target_aet}"
         if flight.count <= flight.baseline and self._source_failure(unreachable):
             # The PACS was unreachable: the attempt is given back and the run pauses.
             self.journal.transition(

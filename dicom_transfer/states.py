@@ -15,6 +15,9 @@ class State(str, Enum):
     MOVING = "moving"  # a C-MOVE was issued (job id recorded) and has not ended
     VERIFYING = "verifying"  # the move ended; counting at the destination
     WAITING_RETRY = "waiting_retry"  # short or refused; `next_attempt_at` says when
+    # Relay mode (`transfer.mode: relay`): the PACS moves to the local Orthanc, the controller forwards.
+    HELD_LOCAL = "held_local"  # proven whole at the local Orthanc; waiting to be forwarded (`next_attempt_at`)
+    FORWARDING = "forwarding"  # being sent from the local Orthanc to the destination
     COMPLETE = "complete"  # the destination holds every expected instance (terminal)
     FAILED = "failed"  # gave up; `reason` says why (terminal)
 
@@ -41,6 +44,9 @@ class Event(str, Enum):
     RETRY_DUE = "retry_due"  # the back-off is over
     RECLAIM = "reclaim"  # found in flight at start-up (previous run stopped or crashed)
     REQUEUED = "requeued"  # the PACS dropped or refused the move (its queue, not the series): in line again
+    HELD = "held"  # relay: the local Orthanc's count proves the series whole there
+    FORWARD = "forward"  # relay: sending it from the local Orthanc to the destination began
+    LOST_LOCAL = "lost_local"  # relay: the local Orthanc no longer holds it whole: move it again
 
 
 S, E = State, Event
@@ -68,6 +74,20 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.VERIFYING, E.REQUEUED): S.QUERIED,
     (S.WAITING_RETRY, E.RETRY_DUE): S.PENDING,
     (S.WAITING_RETRY, E.GIVE_UP): S.FAILED,
+    # relay mode: the first half ends at the local Orthanc, the second at the destination
+    (S.PENDING, E.HELD): S.HELD_LOCAL,  # pre-check: the local Orthanc already holds it whole
+    (S.QUERIED, E.HELD): S.HELD_LOCAL,
+    (S.MOVING, E.HELD): S.HELD_LOCAL,
+    (S.VERIFYING, E.HELD): S.HELD_LOCAL,
+    (S.HELD_LOCAL, E.FORWARD): S.FORWARDING,
+    (S.HELD_LOCAL, E.PRESENT): S.COMPLETE,  # reclaim: the destination holds it whole already
+    (S.HELD_LOCAL, E.LOST_LOCAL): S.PENDING,
+    (S.HELD_LOCAL, E.GIVE_UP): S.FAILED,
+    (S.FORWARDING, E.ARRIVED): S.COMPLETE,  # the destination count proves it (the local copy goes after)
+    (S.FORWARDING, E.SHORT): S.HELD_LOCAL,  # the forward failed: again after a back-off, no new move
+    (S.FORWARDING, E.RECLAIM): S.HELD_LOCAL,  # found at start-up, the destination short: forward again
+    (S.FORWARDING, E.LOST_LOCAL): S.PENDING,
+    (S.FORWARDING, E.GIVE_UP): S.FAILED,
 }
 
 

@@ -18,7 +18,8 @@ from .batch import BatchCheck, BatchRow, check_batch, iter_batch
 from .config import Config
 from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable, Untrusted
 from .journal import PLAN_CHUNK, Journal, file_digest, peek_meta
-from .orthanc import Destination, LocalOrthanc, OrthancRest, check_c_get
+from .orthanc import Destination, ForwardTarget, LocalOrthanc, LocalStore, OrthancRest, check_c_get
+from .relay import Relay
 from .report import build_report, write_report
 from .runlock import JournalLock
 from .scheduler import RunResult, Scheduler, StopFlag
@@ -93,7 +94,8 @@ def connect(cfg: Config, *, deadline_s: float = START_DEADLINE_S) -> tuple[Local
             local.close()
             raise ConfigError("transfer.retrieve", why)
     user, password = cfg.destination_auth() or (None, None)
-    dest = Destination(
+    kind = ForwardTarget if cfg.relay_mode else Destination  # relay: it takes ZIP uploads too
+    dest = kind(
         cfg.destination_url(), user, password,
         retry_deadline_s=deadline_s, name="destination Orthanc",
     )  # fmt: skip
@@ -209,6 +211,18 @@ def _expand(
     return [(a.series_uid, a.study_uid, row.patient_id or a.patient_id, row.line) for a in kept]
 
 
+def _relay_parts(cfg: Config, local: LocalOrthanc, dest: Destination, clock: Callable[[], float]
+                 ) -> tuple[LocalStore, Relay]:  # fmt: skip
+    """Relay mode: the local Orthanc as where moves land (a counted store), and the forwarder."""
+    assert isinstance(dest, ForwardTarget)
+    landing = LocalStore(
+        cfg.local.url, cfg.local.username, cfg.local.password,
+        retry_deadline_s=local.retry_deadline_s, name="local Orthanc",
+    )  # fmt: skip
+    landing.system()  # its AE title is the move target
+    return landing, Relay(cfg, landing, dest, wake=lambda: None, clock=clock)
+
+
 @contextmanager
 def _signals(stop: StopFlag) -> Iterator[None]:
     """SIGINT/SIGTERM: stop issuing and return (exit 3); the same command resumes."""
@@ -257,14 +271,18 @@ def _run_locked(
     started = clock()
     journal = Journal(journal_path, clock=clock)
     after: AfterArrivalSteps | None = None
+    landing: LocalStore | None = None
+    relay: Relay | None = None
     try:
         plan(journal, batch, checked, cfg, local)
         stop = StopFlag()
         after = AfterArrivalSteps(cfg, journal, dest, show_phi=show_phi, stop=stop)
+        if cfg.relay_mode:
+            landing, relay = _relay_parts(cfg, local, dest, clock)
         scheduler = Scheduler(
-            cfg, journal, local, dest,
+            cfg, journal, local, landing or dest,
             clock=clock, until_window_end=until_window_end, stop=stop, on_progress=on_progress,
-            after=after if after.enabled else None,
+            after=after if after.enabled else None, relay=relay,
         )  # fmt: skip
         with _signals(stop):
             try:
@@ -281,6 +299,10 @@ def _run_locked(
     finally:
         if after is not None:
             after.close()
+        if relay is not None:
+            relay.close()
+        if landing is not None:
+            landing.close()
         journal.close()
         local.close()
         dest.close()

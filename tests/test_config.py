@@ -501,4 +501,5 @@ def test_config_type_has_the_agreed_fields():
         "path",
         "base_dir",
         "nifti",
+        "relay",
     ]

@@ -323,6 +323,8 @@ def test_counts_cover_every_state(journal: Journal):
         "waiting_retry": 0,
         "complete": 1,
         "failed": 1,
+        "held_local": 0,  # relay mode
+        "forwarding": 0,
     }
     assert sum(counts.values()) == len(UIDS)
 

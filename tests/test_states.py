@@ -8,6 +8,7 @@ from dicom_transfer.errors import IllegalTransition
 from dicom_transfer.states import TRANSITIONS, Event, State, next_state
 
 CONTRACT_NAMES = {"pending", "queried", "moving", "verifying", "waiting_retry", "complete", "failed"}
+RELAY_NAMES = {"held_local", "forwarding"}  # added by relay mode (transfer.mode: relay)
 
 
 def reachable_from(start: State) -> set[State]:
@@ -29,7 +30,20 @@ def illegal_pairs() -> list[tuple[State, Event]]:
 
 def test_state_names_are_the_contract():
     """The state values are exactly the names DESIGN.md promises to reports and `status`."""
-    assert {s.value for s in State} == CONTRACT_NAMES
+    assert {s.value for s in State} == CONTRACT_NAMES | RELAY_NAMES
+
+
+def test_relay_path_and_its_failures():
+    """Relay: moving → held_local → forwarding → complete; a failed forward goes back to held_local, not to a move."""
+    state = next_state(State.MOVING, Event.HELD)
+    assert state is State.HELD_LOCAL
+    assert next_state(state, Event.FORWARD) is State.FORWARDING
+    assert next_state(State.FORWARDING, Event.ARRIVED) is State.COMPLETE
+    assert next_state(State.FORWARDING, Event.SHORT) is State.HELD_LOCAL
+    assert next_state(State.FORWARDING, Event.RECLAIM) is State.HELD_LOCAL
+    assert next_state(State.FORWARDING, Event.LOST_LOCAL) is State.PENDING
+    with pytest.raises(IllegalTransition):
+        next_state(State.HELD_LOCAL, Event.ARRIVED)  # complete only from a forward's count (or reclaim's PRESENT)
 
 
 def test_every_state_reachable_from_pending():
@@ -127,10 +141,11 @@ def test_terminal_property():
 
 
 def test_reclaim_only_from_in_flight_states():
-    """RECLAIM applies to in-flight rows only, and always lands in verifying (count first)."""
+    """RECLAIM applies to in-flight rows only: moves land in verifying, relay forwards back in held_local."""
     sources = {src for (src, event) in TRANSITIONS if event is Event.RECLAIM}
-    assert sources == {s for s in State if s.in_flight}
-    assert {TRANSITIONS[(s, Event.RECLAIM)] for s in sources} == {State.VERIFYING}
+    assert sources == {s for s in State if s.in_flight} | {State.FORWARDING}
+    assert {TRANSITIONS[(s, Event.RECLAIM)] for s in sources if s.in_flight} == {State.VERIFYING}
+    assert TRANSITIONS[(State.FORWARDING, Event.RECLAIM)] is State.HELD_LOCAL
 
 
 def test_complete_only_by_proof():

@@ -1,0 +1,176 @@
+"""Relay mode (`transfer.mode: relay`): PACS → local Orthanc (LAN) → destination in ZIP bulk.
+
+Real Orthanc processes: the `separate` stack (1.10.1) and a separate stack of 1.12.7.
+Crash safety: kill -9 at seeded random points (bench/resilience.py's R3 with `relay=True`),
+the local Orthanc restarted and the destination down for 3 s while a forward runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import _new_orthanc_command, run_cli
+from peers.pacs import MisbehavingPacs
+from wanlink import WanLink
+
+from bench.resilience import cli_popen, count_at, deleted_too_soon, finish_background, journal_rows, r3_kills
+from dicom_transfer.config import load_config
+from dicom_transfer.errors import ConfigError
+from dicom_transfer.relay import chunks
+from dicom_transfer.stack import HOST, Stack, start_stack
+from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
+
+pytestmark = pytest.mark.integration
+
+
+def relay_config(path: Path, stack: Stack, dest_url: str | None = None, **transfer: object) -> Path:
+    """A transfer.yaml in relay mode: local = CENTRE, destination DEST (its REST url or `dest_url`)."""
+    assert stack.dest is not None
+    settings = {"mode": "relay", "stall_s": 2, "move_timeout_s": 60, "backoff_s": 0.2, **transfer}
+    path.write_text(
+        f"local: {{url: {stack.centre.url}}}\n"
+        "source: {modality: PACS}\n"
+        f"destination: {{aet: DEST, url: '{dest_url or stack.dest.url}'}}\n"
+        "transfer: {" + ", ".join(f"{k}: {v}" for k, v in settings.items()) + "}\n"
+        "relay: {chunk_mb: 0.5}\n"
+    )
+    return path
+
+
+def events_of(journal: Path, uid: str) -> list[str]:
+    with closing(sqlite3.connect(journal)) as db:
+        return [e for (e,) in db.execute("SELECT event FROM events WHERE uid=? ORDER BY id", (uid,))]
+
+
+def check_relayed(stack: Stack, series: list[SyntheticSeries], journal: Path) -> None:
+    """Every series whole at the destination, gone from the local Orthanc, via held → forward → arrived."""
+    assert stack.dest is not None
+    for s in series:
+        assert count_at(stack.dest.rest, s.series_uid) == len(s.sop_uids)
+        assert count_at(stack.centre.rest, s.series_uid) == 0
+        events = [e for e in events_of(journal, s.series_uid) if e in ("held", "forward", "arrived")]
+        assert events[-3:] == ["held", "forward", "arrived"], events
+    assert stack.centre.rest.get("/statistics")["CountInstances"] == 0
+
+
+def test_relay_moves_to_local_then_forwards(separate: Stack, tmp_path: Path) -> None:
+    """Relay on 1.10.1: moved to local, forwarded in ZIP chunks, counted at the destination, then deleted locally."""
+    series = make_series(3, 20, seed=181, rows=32, columns=32)
+    upload(separate.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = relay_config(tmp_path / "t.yaml", separate)
+    res = run_cli("--batch", batch, "--config", cfg, "--json", "--report", tmp_path / "r.json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["complete"] == 3 and summary["instances"] == 60 and summary["at_local"] == 0
+    journal = tmp_path / "series.journal.sqlite"
+    check_relayed(separate, series, journal)
+    # A re-run moves nothing and forwards nothing: the destination pre-check holds.
+    again = run_cli("--batch", batch, "--config", cfg, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["complete"] == 3
+    assert sum(e == "forward" for s in series for e in events_of(journal, s.series_uid)) == 3
+
+
+@pytest.fixture(scope="module")
+def stack_new_separate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """PACS, local Orthanc and destination all Orthanc 1.12.x."""
+    command = _new_orthanc_command()
+    stack = start_stack(
+        tmp_path_factory.mktemp("stack-new-relay"), "separate",
+        pacs_command=command, centre_command=command, dest_command=command,
+    )  # fmt: skip
+    try:
+        yield stack
+    finally:
+        stack.stop(kill=True)
+
+
+def test_relay_on_orthanc_1_12(stack_new_separate: Stack, tmp_path: Path) -> None:
+    """Relay on Orthanc 1.12 (asynchronous move jobs, its ZIP upload): every series whole at the destination."""
+    stack = stack_new_separate
+    stack.reset()
+    assert stack.centre.version() >= (1, 12)
+    series = make_series(2, 15, seed=182, rows=32, columns=32)
+    upload(stack.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    res = run_cli("--batch", batch, "--config", relay_config(tmp_path / "t.yaml", stack), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    check_relayed(stack, series, tmp_path / "series.journal.sqlite")
+
+
+def test_relay_kill9_at_random_points(separate: Stack, tmp_path: Path) -> None:
+    """kill -9 at seeded random points in relay mode: all complete, none complete while short, none deleted early."""
+    series = make_series(8, 20, seed=183, rows=16, columns=16)
+    pacs = MisbehavingPacs(series).start()
+    try:
+        pacs.register_in(separate.centre)  # BADPACS, whose move destinations include CENTRE
+        assert separate.dest is not None
+        pacs.add_destination(separate.dest.spec.aet, HOST, separate.dest.spec.dicom_port)
+        result = r3_kills(separate.centre, pacs, series, tmp_path, kills=4, seed=18, window=(0.3, 1.0),
+                          dest=separate.dest, relay=True)  # fmt: skip
+    finally:
+        pacs.stop()
+    print(result.notes)
+    assert result.extra["violations"] == []
+    assert result.complete == result.total == 8
+    assert result.exit_codes[-1] == 0
+    assert all(result.at_destination[s.series_uid] == len(s.sop_uids) for s in series)
+    assert separate.centre.rest.get("/statistics")["CountInstances"] == 0
+
+
+def _wait_forwarding(journal: Path, proc: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["state"] == "forwarding" for r in journal_rows(journal)):
+            return
+        assert proc.poll() is None, "the run ended before any forward began"
+        time.sleep(0.01)
+    raise AssertionError("no forward began")
+
+
+@pytest.mark.parametrize("fault", ["destination_down", "local_restart"])
+def test_relay_survives_a_fault_mid_forward(separate: Stack, tmp_path: Path, fault: str) -> None:
+    """The destination down 3 s (30 s in the issue) or the local Orthanc restarted mid-forward: completes, no loss."""
+    assert separate.dest is not None
+    series = make_series(4, 30, seed=184, rows=128, columns=128)
+    upload(separate.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    # The destination's REST behind a slow link, so that a forward lasts long enough to be hit.
+    with WanLink(HOST, separate.dest.spec.http_port, rtt_ms=20, mbit=8) as link:
+        cfg = relay_config(tmp_path / "t.yaml", separate, dest_url=f"http://{HOST}:{link.port}")
+        journal, log = tmp_path / "series.journal.sqlite", tmp_path / "run.log"
+        proc = cli_popen("--batch", batch, "--config", cfg, log=log)
+        _wait_forwarding(journal, proc)
+        hit = separate.dest if fault == "destination_down" else separate.centre
+        hit.kill()
+        time.sleep(3 if fault == "destination_down" else 0.5)
+        hit.restart()
+        code = finish_background(proc, log, timeout=120)
+    assert code == 0, log.read_text()[-3000:]
+    assert deleted_too_soon(journal, separate.centre.rest, separate.dest.rest) == []
+    check_relayed(separate, series, journal)
+
+
+def test_relay_needs_two_servers(tmp_path: Path) -> None:
+    """transfer.mode relay without a destination.url of its own is a config error naming the key."""
+    path = tmp_path / "t.yaml"
+    path.write_text("local: {url: 'http://127.0.0.1:8042'}\ntransfer: {mode: relay}\n")
+    with pytest.raises(ConfigError, match="transfer.mode"):
+        load_config(path)
+    path.write_text("destination: {url: 'http://10.0.0.9:8042'}\ntransfer: {mode: relay}\nrelay: {max_local_gb: 2}\n")
+    cfg = load_config(path)
+    assert cfg.relay_mode and cfg.relay.max_local_gb == 2
+
+
+def test_chunks_bound_each_request() -> None:
+    """Instances are grouped up to the byte limit, one instance at least per group, order kept."""
+    sizes = [("a", 40), ("b", 40), ("c", 40), ("d", 200), ("e", 10)]
+    assert list(chunks(sizes, 100)) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert list(chunks([], 100)) == []
