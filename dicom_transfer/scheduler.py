@@ -37,8 +37,8 @@ from .orthanc import (
     SeriesAnswer,
     choose_move_method,
     dimse_from_error,
-    is_association_failure,
 )
+from .parties import Parties
 from .relay import Forwarded, Relay
 from .retry import ELSEWHERE_WAIT_S, RetryPolicy
 from .runlock import SeriesClaims
@@ -134,6 +134,7 @@ class Scheduler:
         self.throttle = self.policy.throttle
         self.retry = RetryPolicy(self.t.backoff_s, self.t.backoff_max_s, rng)
         self.pace = Pace(self.t.poll_s, self.t.stall_s)  # measures of the moves; counts and drops
+        self.parties = Parties(cfg, journal, local, dest, self.policy)  # source down, destination full
         self.flights: dict[str, Flight] = {}
         self.method = self.t.move_method
         self.change_mark = 0
@@ -213,7 +214,7 @@ class Scheduler:
             # one (queried ahead while the last one moved) goes out in the same pass.
             progressed |= self._poll_flights()
             progressed |= self._relay_step(now)
-            if open_now and self._source_up(now) and self._destination_up(now):
+            if open_now and self.parties.source_up(now) and self.parties.destination_up(now):
                 progressed |= self._issue()
                 progressed |= self._query_ahead()
             self.journal.flush()  # proofs no next move carried (the last one, a closed window)
@@ -239,89 +240,6 @@ class Scheduler:
         told, self._told = self._told, []
         for say, event, fields in told:
             say(event, **fields)
-
-    # -- the source unreachable: pause, probe, resume (attempts are not spent) --------
-
-    def _source_failure(self, text: str | None) -> bool:
-        """Whether `text` says the PACS could not be reached at all; if so, pause the run."""
-        if not is_association_failure(text):
-            return False
-        if self.policy.source.begin((text or "")[:300]):
-            self.journal.record("source.unreachable", {"error": (text or "")[:300]})
-            log.warning("source.unreachable", error=(text or "")[:200])
-        return True
-
-    def _source_up(self, now: float) -> bool:
-        """False while the source is down; probes it with a C-ECHO on a capped back-off."""
-        pause = self.policy.source
-        if not pause:
-            return True
-        if not pause.due(now):
-            return False
-        try:
-            self.local.echo(self.cfg.source.modality)
-        except Unreachable:
-            raise
-        except OrthancError:
-            pause.probe_failed(now)
-            return False
-        down_s = round(pause.end(), 1)
-        self.journal.record("source.reachable", {"down_s": down_s})
-        log.info("source.reachable", down_s=down_s)
-        return True
-
-    # -- the destination full: pause, probe, resume (attempts are not spent) ------------
-
-    def _destination_refuses(self, flight: Flight) -> str | None:
-        """Why the destination stored nothing (or too little) of a short move; None when it is not the cause.
-
-        Its own figures (MaximumStorageSize with mode Reject), or the PACS's answer: C-MOVE
-        Warning 0xB000 (sub-operations failed) with nothing arriving means every C-STORE
-        to the destination was refused.
-        """
-        try:
-            full = self.dest.storage_full()
-        except Unreachable:
-            raise
-        except OrthancError:
-            full = None
-        if full is None and flight.job_dimse == 0xB000 and flight.count <= flight.baseline:
-            full = f"the PACS reported every C-STORE to {self.cfg.destination.aet} failed (C-MOVE status 0xB000)"
-        return full
-
-    def _destination_up(self, now: float) -> bool:
-        """False while the destination cannot store; probes its figures on a capped back-off.
-
-        When its figures cannot tell (a refusal seen only in the PACS's answer), the next
-        move is the probe: the pause ends once a series arrives, and a move refused again
-        costs no attempt.
-        """
-        pause = self.policy.destination
-        if not pause or pause.probe_at is None:
-            return True
-        if not pause.due(now):
-            return False
-        try:
-            full = self.dest.storage_full()
-        except Unreachable:
-            raise
-        except OrthancError:
-            full = None
-        if full is not None:
-            pause.why = full
-            pause.probe_failed(now)
-            return False
-        pause.probe_at = None  # moves go out again; the first series that arrives ends the pause
-        self.journal.record("destination.retry", {"paused_s": round(now - (pause.since or now), 1)})
-        log.info("destination.retry", paused_s=round(now - (pause.since or now), 1))
-        return True
-
-    def _destination_stores(self) -> None:
-        """A series arrived: the destination stores again (ends its pause)."""
-        if self.policy.destination:
-            paused_s = round(self.policy.destination.end(), 1)
-            self.journal.record("destination.stores", {"paused_s": paused_s})
-            log.info("destination.stores", paused_s=paused_s)
 
     def _after_one(self) -> bool:
         """Run the after-arrival steps of one series, in the gaps while moves run."""
@@ -651,7 +569,7 @@ class Scheduler:
             return None
 
     def _query_failed(self, row: SeriesRow, reason: str) -> None:
-        if self._source_failure(reason):  # not this series' fault: no attempt spent
+        if self.parties.source_failure(reason):  # not this series' fault: no attempt spent
             self.journal.transition(
                 row.uid, State.PENDING, Event.SHORT, "source unreachable",
                 next_attempt_at=self.retry.note(self.policy.source.probe_at), reason="source unreachable",
@@ -933,7 +851,7 @@ class Scheduler:
                        defer=True, verified=decision.verified, warning=decision.warning)  # fmt: skip
             del self.flights[flight.uid]
             self.claims.release(flight.uid)
-            self._destination_stores()
+            self.parties.destination_stores()
             self._tell("series.held", series=short_uid(flight.uid), received=flight.count, expected=flight.expected,
                        attempt=flight.attempt, seconds=round(now - flight.issued_at, 3))  # fmt: skip
             change = self.throttle.completed()
@@ -949,7 +867,7 @@ class Scheduler:
         )  # fmt: skip
         del self.flights[flight.uid]
         self.claims.release(flight.uid)
-        self._destination_stores()
+        self.parties.destination_stores()
         self._tell(
             "series.complete", series=short_uid(flight.uid), received=flight.count,
             expected=flight.expected, attempt=flight.attempt, seconds=round(seconds, 3),
@@ -973,7 +891,7 @@ class Scheduler:
         self.claims.release(flight.uid)
         if flight.job_id and flight.job_ended_at is None:
             self.local.cancel_job(flight.job_id)
-        refused = self._destination_refuses(flight)
+        refused = self.parties.destination_refuses(flight)
         if refused is not None:
             # Not the series' fault either: the attempt is given back and moves wait.
             if self.policy.destination.begin(refused):
@@ -988,7 +906,7 @@ class Scheduler:
         unreachable = flight.job_error or decision.reason
         if flight.job_dimse == 0xA801:  # (only reached once moves have worked: see _check_a801)
             unreachable = f"DicomAssociation - connecting: the PACS could not reach {self.target_aet}"
-        if flight.count <= flight.baseline and self._source_failure(unreachable):
+        if flight.count <= flight.baseline and self.parties.source_failure(unreachable):
             # The PACS was unreachable: the attempt is given back and the run pauses.
             self.journal.transition(
                 flight.uid, state, Event.SHORT, "source unreachable",

@@ -31,11 +31,13 @@ pytestmark = pytest.mark.integration
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 CONF = REPO_ROOT / "conf"
-SHIPPED = {"pacs": CONF / "orthanc-pacs.json", "centre": CONF / "orthanc-centre.json"}
+SHIPPED = {"pacs": CONF / "orthanc-pacs.json", "centre": CONF / "orthanc-centre.json",
+           "relay": CONF / "orthanc-relay.json"}  # fmt: skip
 TRANSFER_YAML = CONF / "transfer.compose.yaml"
+RELAY_YAML = CONF / "transfer.relay.compose.yaml"
 LOADER = CONF / "compose-loader.py"
-SERVICES = {"pacs", "pacs-loader", "centre", "controller"}
-ORTHANC_SERVICES = ("pacs", "centre")
+SERVICES = {"pacs", "pacs-loader", "centre", "controller", "relay", "controller-relay"}
+ORTHANC_SERVICES = ("pacs", "centre", "relay")
 USER = "transfer"
 # What must differ when both Orthancs share one machine; every other key runs as shipped.
 PER_MACHINE_KEYS = {"HttpPort", "DicomPort", "StorageDirectory", "IndexDirectory", "DicomModalities"}
@@ -73,7 +75,7 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_compose_config_is_valid() -> None:
-    """`docker-compose config` accepts the file: four services, TCP_NODELAY=1, password passed on."""
+    """`docker-compose config` accepts the file: its services (relay's behind a profile), TCP_NODELAY=1, passwords."""
     res = compose("config", password="compose-test-pw")
     assert res.returncode == 0, res.stderr
     config = yaml.safe_load(res.stdout)
@@ -96,6 +98,13 @@ def test_compose_config_is_valid() -> None:
     assert controller["depends_on"]["pacs-loader"] == {"condition": "service_completed_successfully"}
     assert any(v.endswith(":/data:rw") or v.endswith(":/data") for v in controller["volumes"])
     assert services["pacs-loader"]["entrypoint"] == ["python", "conf/compose-loader.py"]
+    relay = services["controller-relay"]
+    assert services["relay"]["profiles"] == ["relay"] and relay["profiles"] == ["relay"]
+    assert environment(relay)["TCP_NODELAY"] == "1"
+    assert environment(relay)["DICOM_TRANSFER_LOCAL_PASSWORD"] == "compose-test-pw"
+    assert environment(relay)["DICOM_TRANSFER_DESTINATION_PASSWORD"] == "compose-test-pw"
+    assert relay["command"][:4] == ["--batch", "/data/series.csv", "--config", "/app/conf/transfer.relay.compose.yaml"]
+    assert set(relay["depends_on"]) == {"pacs-loader", "relay", "centre"}
 
 
 def test_compose_config_requires_password() -> None:
@@ -123,6 +132,17 @@ def test_dockerfile_matches_compose() -> None:
 
 # ---------------------------------------------------------------------------------------
 # The controller's config
+
+
+def test_relay_compose_yaml_loads() -> None:
+    """conf/transfer.relay.compose.yaml: relay mode, local = the relay service, destination = the centre, known AETs."""
+    cfg = load_config(RELAY_YAML, env={})
+    assert cfg.transfer.mode == "relay"
+    assert (cfg.local.url, cfg.destination_url()) == ("http://relay:8042", "http://centre:8042")
+    relay, pacs = (json.loads(SHIPPED[n].read_text()) for n in ("relay", "pacs"))
+    assert cfg.source.modality in relay["DicomModalities"]
+    assert [relay["DicomAet"], "relay", 4242] in pacs["DicomModalities"].values()  # the PACS may move to it
+    assert relay["ConcurrentJobs"] >= max(cfg.transfer.max_in_flight, 2)
 
 
 def test_transfer_compose_yaml_loads() -> None:
@@ -276,6 +296,23 @@ def test_shipped_configs_transfer_end_to_end(
         assert result["summary"] == {**result["summary"], "total": 3, "complete": 3, "failed": 0, "pending": 0}
         assert [(r["state"], r["expected"], r["received"]) for r in result["series"]] == [("complete", 5, 5)] * 3
         assert all(series_count(rests["centre"], uid) == 5 for uid in uids)
+
+        # Relay mode with the shipped files: through the hospital-side Orthanc, deleted there after.
+        for uid in uids:
+            found = [f["ID"] for f in rests["centre"].post("/tools/lookup", content=uid) if f["Type"] == "Series"]
+            rests["centre"].delete(f"/series/{found[0]}")
+        text = RELAY_YAML.read_text()
+        relay_config = tmp_path / "relay.yaml"
+        for name in ("relay", "centre"):
+            text = text.replace(f"http://{name}:8042", processes[name].url)
+        relay_config.write_text(text)
+        res = run_cli(
+            "--batch", batch, "--config", relay_config, "--journal", tmp_path / "relay.journal.sqlite",
+            env={"DICOM_TRANSFER_LOCAL_PASSWORD": password, "DICOM_TRANSFER_DESTINATION_PASSWORD": password},
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert all(series_count(rests["centre"], uid) == 5 for uid in uids)
+        assert rests["relay"].get("/statistics")["CountInstances"] == 0  # forwarded, proven, then deleted
     finally:
         for rest in rests.values():
             rest.close()

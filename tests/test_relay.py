@@ -106,14 +106,14 @@ def test_relay_on_orthanc_1_12(stack_new_separate: Stack, tmp_path: Path) -> Non
 
 
 def test_relay_kill9_at_random_points(separate: Stack, tmp_path: Path) -> None:
-    """kill -9 at seeded random points in relay mode: all complete, none complete while short, none deleted early."""
+    """kill -9 at 10 seeded random points in relay mode: all complete, none complete while short, none deleted early."""
     series = make_series(8, 20, seed=183, rows=16, columns=16)
-    pacs = MisbehavingPacs(series).start()
+    pacs = MisbehavingPacs(series, store_delay_s=0.01).start()  # ~0.2 s a series: kills land mid-move too
     try:
         pacs.register_in(separate.centre)  # BADPACS, whose move destinations include CENTRE
         assert separate.dest is not None
         pacs.add_destination(separate.dest.spec.aet, HOST, separate.dest.spec.dicom_port)
-        result = r3_kills(separate.centre, pacs, series, tmp_path, kills=4, seed=18, window=(0.3, 1.0),
+        result = r3_kills(separate.centre, pacs, series, tmp_path, kills=10, seed=18, window=(0.45, 1.3),
                           dest=separate.dest, relay=True)  # fmt: skip
     finally:
         pacs.stop()
