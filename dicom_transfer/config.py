@@ -731,7 +731,7 @@ def _check_retrieve(ctx: _Ctx, local: LocalConfig, destination: DestinationConfi
             "transfer.retrieve",
             f"get: a C-GET lands in the local Orthanc ({local.url}), but destination.url is {destination.url};"
             " set destination.url to null (or to local.url), or use retrieve: move"
-            " (a relay mode may later forward what C-GET brings in)",
+            " (C-GET with transfer.mode: relay is not supported yet)",
         )
     if transfer.move_method != "auto":
         raise ctx.error(
