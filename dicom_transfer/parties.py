@@ -67,12 +67,7 @@ class Parties:
         Warning 0xB000 (sub-operations failed) with nothing arriving means every C-STORE
         to the destination was refused.
         """
-        try:
-            full = self.dest.storage_full()
-        except Unreachable:
-            raise
-        except OrthancError:
-            full = None
+        full = self._storage_full()
         if full is None and flight.job_dimse == 0xB000 and flight.count <= flight.baseline:
             full = f"the PACS reported every C-STORE to {self.cfg.destination.aet} failed (C-MOVE status 0xB000)"
         return full
@@ -89,12 +84,7 @@ class Parties:
             return True
         if not pause.due(now):
             return False
-        try:
-            full = self.dest.storage_full()
-        except Unreachable:
-            raise
-        except OrthancError:
-            full = None
+        full = self._storage_full()
         if full is not None:
             pause.why = full
             pause.probe_failed(now)
@@ -110,3 +100,12 @@ class Parties:
             paused_s = round(self.policy.destination.end(), 1)
             self.journal.record("destination.stores", {"paused_s": paused_s})
             log.info("destination.stores", paused_s=paused_s)
+
+    def _storage_full(self) -> str | None:
+        """The destination's own word on its storage (None: room, or it cannot tell, or it erred)."""
+        try:
+            return self.dest.storage_full()
+        except Unreachable:
+            raise
+        except OrthancError:
+            return None

@@ -353,14 +353,8 @@ class Scheduler:
         have = self.relay.dest.count(row.uid, lookup=False)  # one GET across the link
         if have < expected:
             return False
-        self.journal.transition(
-            row.uid, State.PENDING, Event.PRESENT, f"count={have} at destination",
-            study_uid=answer.study_uid, expected=expected, received=have,
-            verified="count", finished_at=self.clock(),
-        )  # fmt: skip
-        log.info("series.present", series=short_uid(row.uid), count=have)
-        if self.after is not None:
-            self.after_queue.append(row.uid)
+        self._present(row.uid, State.PENDING, have, f"count={have} at destination",
+                      study_uid=answer.study_uid, expected=expected)  # fmt: skip
         return True
 
     def _relay_step(self, now: float) -> bool:
@@ -540,14 +534,7 @@ class Scheduler:
             self._held(row.uid, State.PENDING, have, expected, row.first_issued_at, study_uid=answer.study_uid)
             return
         if expected is not None and have >= expected:
-            self.journal.transition(
-                row.uid, State.PENDING, Event.PRESENT, f"count={have}",
-                study_uid=answer.study_uid, expected=expected, received=have,
-                verified="count", finished_at=self.clock(),
-            )  # fmt: skip
-            log.info("series.present", series=short_uid(row.uid), count=have)
-            if self.after is not None:
-                self.after_queue.append(row.uid)
+            self._present(row.uid, State.PENDING, have, f"count={have}", study_uid=answer.study_uid, expected=expected)
             return
         sop = tuple(sorted(sop_uids)) if sop_uids else None
         self.journal.transition(
@@ -557,6 +544,15 @@ class Scheduler:
         queried = replace(row, state=State.QUERIED, study_uid=answer.study_uid, expected=expected,
                           received=have, sop_uids=sop)  # fmt: skip
         heapq.heappush(self._ready, (row.seq, queried))
+
+    def _present(self, uid: str, state: State, have: int, detail: str, **fields: Any) -> None:
+        """The destination already holds the series whole: complete without a move."""
+        self.journal.transition(
+            uid, state, Event.PRESENT, detail, received=have, verified="count", finished_at=self.clock(), **fields
+        )
+        log.info("series.present", series=short_uid(uid), count=have)
+        if self.after is not None:
+            self.after_queue.append(uid)
 
     def _source_instances(self, study_uid: str, series_uid: str) -> set[str] | None:
         """IMAGE-level C-FIND, or None when the source refuses it."""
@@ -628,13 +624,7 @@ class Scheduler:
             return None
         if row.expected is not None and count >= row.expected:
             self.claims.release(row.uid)
-            self.journal.transition(
-                row.uid, State.QUERIED, Event.PRESENT, f"count={count}",
-                received=count, verified="count", finished_at=self.clock(),
-            )  # fmt: skip
-            log.info("series.present", series=short_uid(row.uid), count=count)
-            if self.after is not None:
-                self.after_queue.append(row.uid)
+            self._present(row.uid, State.QUERIED, count, f"count={count}")
             return None
         if count != row.received:
             self.claims.release(row.uid)
