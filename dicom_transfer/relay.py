@@ -142,6 +142,7 @@ class Relay:
         held = self.held.get(uid)
         if held is None:
             held = self.held[uid] = Held(uid, expected, first_issued_at)
+            self._disk_at = float("-inf")  # the local Orthanc grew: the next move looks at its disk first
         held.expected = expected
         if at is None:
             self._ready.append(uid)
@@ -216,7 +217,11 @@ class Relay:
     # -- the local disk bound -------------------------------------------------------------
 
     def full(self, now: float) -> bool:
-        """True while the local Orthanc stores at least `relay.max_local_gb` (asked at most once a second)."""
+        """True while the local Orthanc stores at least `relay.max_local_gb`.
+
+        Asked once a second, and before the first move after a series became held there
+        (moves are faster than a second: the bound would be passed in between).
+        """
         if now - self._disk_at >= DISK_EVERY_S:
             self._disk_at = now
             self.disk_bytes = self.store.disk_bytes()

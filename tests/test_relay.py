@@ -31,7 +31,9 @@ from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write
 pytestmark = pytest.mark.integration
 
 
-def relay_config(path: Path, stack: Stack, dest_url: str | None = None, **transfer: object) -> Path:
+def relay_config(
+    path: Path, stack: Stack, dest_url: str | None = None, max_local_gb: float | None = None, **transfer: object
+) -> Path:
     """A transfer.yaml in relay mode: local = CENTRE, destination DEST (its REST url or `dest_url`)."""
     assert stack.dest is not None
     settings = {"mode": "relay", "stall_s": 2, "move_timeout_s": 60, "backoff_s": 0.2, **transfer}
@@ -40,7 +42,7 @@ def relay_config(path: Path, stack: Stack, dest_url: str | None = None, **transf
         "source: {modality: PACS}\n"
         f"destination: {{aet: DEST, url: '{dest_url or stack.dest.url}'}}\n"
         "transfer: {" + ", ".join(f"{k}: {v}" for k, v in settings.items()) + "}\n"
-        "relay: {chunk_mb: 0.5}\n"
+        "relay: {chunk_mb: 0.5" + (f", max_local_gb: {max_local_gb}" if max_local_gb else "") + "}\n"
     )
     return path
 
@@ -158,6 +160,26 @@ def test_relay_survives_a_fault_mid_forward(separate: Stack, tmp_path: Path, fau
     assert code == 0, log.read_text()[-3000:]
     assert deleted_too_soon(journal, separate.centre.rest, separate.dest.rest) == []
     check_relayed(separate, series, journal)
+
+
+def test_relay_moves_wait_while_the_local_orthanc_is_full(separate: Stack, tmp_path: Path) -> None:
+    """relay.max_local_gb reached: moves wait (relay.local_full), resume once forwards free it; no deadlock, no loss."""
+    assert separate.dest is not None
+    series = make_series(5, 30, seed=185, rows=128, columns=128)
+    upload(separate.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    log = tmp_path / "run.jsonl"
+    # The destination behind a slow link (a forward lasts > 1 s, the disk check's period) and a
+    # bound that one series held locally already exceeds.
+    with WanLink(HOST, separate.dest.spec.http_port, rtt_ms=20, mbit=0.5) as link:
+        cfg = relay_config(tmp_path / "t.yaml", separate, dest_url=f"http://{HOST}:{link.port}", max_local_gb=0.0001,
+                           max_in_flight=2)  # fmt: skip
+        res = run_cli("--batch", batch, "--config", cfg, "--log-file", log, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert "relay.local_full" in events and "relay.local_room" in events, sorted(set(events))
+    assert events.index("relay.local_full") < len(events) - 1 - events[::-1].index("relay.local_room")
+    check_relayed(separate, series, tmp_path / "series.journal.sqlite")
 
 
 def test_relay_needs_two_servers(tmp_path: Path) -> None:
