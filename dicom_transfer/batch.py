@@ -29,6 +29,7 @@ import heapq
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeVar
@@ -442,29 +443,22 @@ class BatchRows:
 
     def __iter__(self) -> Iterator[BatchRow]:
         out = Problems(str(self.path))
-        try:
-            with open(self.path, "rb") as fh:
-                lines = Lines(fh)
+        with _reading(out), open(self.path, "rb") as fh:
+            lines = Lines(fh)
+            it = iter(lines)
+            header = _header(it, lines, out)
+            if header is None:
+                raise out.error()
+            if self.start is not None and self.start[1] > lines.offset:
+                fh.seek(self.start[1])
+                lines = Lines(fh, number=self.start[0])
                 it = iter(lines)
-                header = _header(it, lines, out)
-                if header is None:
+            for row in _data_rows(it, lines, out, header, None):
+                if out.total:
                     raise out.error()
-                if self.start is not None and self.start[1] > lines.offset:
-                    fh.seek(self.start[1])
-                    lines = Lines(fh, number=self.start[0])
-                    it = iter(lines)
-                for row in _data_rows(it, lines, out, header, None):
-                    if out.total:
-                        raise out.error()
-                    self.line, self.offset = lines.number, lines.offset
-                    yield row
                 self.line, self.offset = lines.number, lines.offset
-        except Unreadable as exc:
-            out.add(exc.line, exc.column, None, exc.reason)
-            raise out.error() from None
-        except OSError as exc:
-            out.add(1, 1, None, f"cannot read the file ({exc.strerror or exc})")
-            raise out.error() from None
+                yield row
+            self.line, self.offset = lines.number, lines.offset
         if out.total:
             raise out.error()
 
@@ -480,22 +474,28 @@ def read_batch(path: str | Path) -> list[BatchRow]:
     return list(iter_batch(path))
 
 
-def read_checked(
-    path: str | Path, read: Callable[[Iterator[str], Lines, Problems], list[_T]], *, digest: Any = None
-) -> list[_T]:
-    """Run `read` over a CSV file's lines; every problem it (or the file) has → one BatchError."""
-    out = Problems(str(path))
+@contextmanager
+def _reading(out: Problems) -> Iterator[None]:
+    """Bad bytes or an unreadable file become a problem of `out`, raised at once as its BatchError."""
     try:
-        # Binary, decoded line by line, so that bad bytes get a line number.
-        with open(path, "rb") as fh:
-            lines = Lines(fh, digest=digest)
-            rows = read(iter(lines), lines, out)
+        yield
     except Unreadable as exc:
         out.add(exc.line, exc.column, None, exc.reason)
         raise out.error() from None
     except OSError as exc:
         out.add(1, 1, None, f"cannot read the file ({exc.strerror or exc})")
         raise out.error() from None
+
+
+def read_checked(
+    path: str | Path, read: Callable[[Iterator[str], Lines, Problems], list[_T]], *, digest: Any = None
+) -> list[_T]:
+    """Run `read` over a CSV file's lines; every problem it (or the file) has → one BatchError."""
+    out = Problems(str(path))
+    # Binary, decoded line by line, so that bad bytes get a line number.
+    with _reading(out), open(path, "rb") as fh:
+        lines = Lines(fh, digest=digest)
+        rows = read(iter(lines), lines, out)
     if out.total:
         raise out.error()
     return rows

@@ -32,10 +32,6 @@ class IssuePolicy:
     def window_open(self, now: float) -> bool:
         return self.window is None or self.window.is_open(now)
 
-    def may_issue(self, in_flight: int) -> bool:
-        """Room under the limit, no pause between moves pending, no refusal hold (the parties are checked apart)."""
-        return self.throttle.may_issue(in_flight)
-
     def wakeups(self, now: float, open_now: bool) -> list[float | None]:
         """When a gate may open by itself (for the idle loop's sleep)."""
         times: list[float | None] = [self.throttle.not_before, self.source.probe_at, self.destination.probe_at]

@@ -61,15 +61,18 @@ class Parties:
     # -- the destination full: pause, probe, resume (attempts are not spent) ------------
 
     def destination_refuses(self, flight: Flight) -> str | None:
-        """Why the destination stored nothing (or too little) of a short move; None when it is not the cause.
+        """Why the destination stored nothing (or too little) of a short move; if it is the cause, pause the run.
 
         Its own figures (MaximumStorageSize with mode Reject), or the PACS's answer: C-MOVE
         Warning 0xB000 (sub-operations failed) with nothing arriving means every C-STORE
-        to the destination was refused.
+        to the destination was refused. None when the destination is not the cause.
         """
         full = self._storage_full()
         if full is None and flight.job_dimse == 0xB000 and flight.count <= flight.baseline:
             full = f"the PACS reported every C-STORE to {self.cfg.destination.aet} failed (C-MOVE status 0xB000)"
+        if full is not None and self.policy.destination.begin(full):
+            self.journal.record("destination.full", {"why": full})
+            log.warning("destination.full", why=full, destination=self.cfg.destination.aet)
         return full
 
     def destination_up(self, now: float) -> bool:

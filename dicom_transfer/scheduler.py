@@ -39,6 +39,7 @@ from .orthanc import (
     dimse_from_error,
 )
 from .parties import Parties
+from .pause import Pause
 from .relay import Forwarded, Relay
 from .retry import ELSEWHERE_WAIT_S, RetryPolicy
 from .runlock import SeriesClaims
@@ -530,11 +531,8 @@ class Scheduler:
         if expected is not None and have < expected and self.after is not None:
             # With anonymize.delete_original the original is gone once done: count the copy.
             have = max(have, self.after.copy_count(row.uid))
-        if expected is not None and have >= expected and self.relay is not None:
-            self._held(row.uid, State.PENDING, have, expected, row.first_issued_at, study_uid=answer.study_uid)
-            return
         if expected is not None and have >= expected:
-            self._present(row.uid, State.PENDING, have, f"count={have}", study_uid=answer.study_uid, expected=expected)
+            self._whole(row, State.PENDING, have, expected, study_uid=answer.study_uid)
             return
         sop = tuple(sorted(sop_uids)) if sop_uids else None
         self.journal.transition(
@@ -544,6 +542,13 @@ class Scheduler:
         queried = replace(row, state=State.QUERIED, study_uid=answer.study_uid, expected=expected,
                           received=have, sop_uids=sop)  # fmt: skip
         heapq.heappush(self._ready, (row.seq, queried))
+
+    def _whole(self, row: SeriesRow, state: State, have: int, expected: int, **fields: Any) -> None:
+        """Whole where moves land before any move: held for its forward in relay mode, else complete."""
+        if self.relay is not None:
+            self._held(row.uid, state, have, expected, row.first_issued_at, **fields)
+        else:
+            self._present(row.uid, state, have, f"count={have}", **{**fields, "expected": expected})
 
     def _present(self, uid: str, state: State, have: int, detail: str, **fields: Any) -> None:
         """The destination already holds the series whole: complete without a move."""
@@ -566,10 +571,7 @@ class Scheduler:
 
     def _query_failed(self, row: SeriesRow, reason: str) -> None:
         if self.parties.source_failure(reason):  # not this series' fault: no attempt spent
-            self.journal.transition(
-                row.uid, State.PENDING, Event.SHORT, "source unreachable",
-                next_attempt_at=self.retry.note(self.policy.source.probe_at), reason="source unreachable",
-            )  # fmt: skip
+            self._paused(row.uid, State.PENDING, "source unreachable", self.policy.source)
             return
         attempts = row.attempts + 1
         if attempts >= self.t.max_attempts:
@@ -618,13 +620,9 @@ class Scheduler:
         if row.received <= 0 and not self.claims.others():
             return row
         count = self.dest.count(row.uid)
-        if row.expected is not None and count >= row.expected and self.relay is not None:
-            self.claims.release(row.uid)
-            self._held(row.uid, State.QUERIED, count, row.expected, row.first_issued_at)
-            return None
         if row.expected is not None and count >= row.expected:
             self.claims.release(row.uid)
-            self._present(row.uid, State.QUERIED, count, f"count={count}")
+            self._whole(row, State.QUERIED, count, row.expected)
             return None
         if count != row.received:
             self.claims.release(row.uid)
@@ -834,20 +832,24 @@ class Scheduler:
 
     def _arrived(self, flight: Flight, state: State, decision: Decision) -> None:
         now = self.clock()
-        seconds = now - (flight.first_issued_at or flight.issued_at)
         self.pace.proven(flight, now)
+        del self.flights[flight.uid]
+        self.claims.release(flight.uid)
+        self.parties.destination_stores()
         if self.relay is not None:  # the first half is done: held whole at the local Orthanc
             self._held(flight.uid, state, flight.count, flight.expected or flight.count, flight.first_issued_at,
                        defer=True, verified=decision.verified, warning=decision.warning)  # fmt: skip
-            del self.flights[flight.uid]
-            self.claims.release(flight.uid)
-            self.parties.destination_stores()
             self._tell("series.held", series=short_uid(flight.uid), received=flight.count, expected=flight.expected,
                        attempt=flight.attempt, seconds=round(now - flight.issued_at, 3))  # fmt: skip
-            change = self.throttle.completed()
-            if change:
-                self._throttle_changed(change)
-            return
+        else:
+            self._complete(flight, state, decision, now)
+        change = self.throttle.completed()
+        if change:
+            self._throttle_changed(change)
+
+    def _complete(self, flight: Flight, state: State, decision: Decision, now: float) -> None:
+        """A direct move proven whole at the destination."""
+        seconds = now - (flight.first_issued_at or flight.issued_at)
         # Proven now; written with the next series' `issued`, once its move is sent (or at
         # the end of this pass): one transaction between two moves instead of two.
         self.journal.transition(
@@ -855,9 +857,6 @@ class Scheduler:
             received=flight.count, verified=decision.verified, warning=decision.warning,
             finished_at=now, seconds=seconds, reason=None, next_attempt_at=None,
         )  # fmt: skip
-        del self.flights[flight.uid]
-        self.claims.release(flight.uid)
-        self.parties.destination_stores()
         self._tell(
             "series.complete", series=short_uid(flight.uid), received=flight.count,
             expected=flight.expected, attempt=flight.attempt, seconds=round(seconds, 3),
@@ -872,9 +871,6 @@ class Scheduler:
             # release) while our next one waits in its queue: a move sent now could find
             # its queue full. Nothing is lost by waiting a little: the PACS has work.
             self.throttle.space(self.pace.settle_s())
-        change = self.throttle.completed()
-        if change:
-            self._throttle_changed(change)
 
     def _short(self, flight: Flight, state: State, decision: Decision) -> None:
         self.flights.pop(flight.uid, None)
@@ -882,28 +878,17 @@ class Scheduler:
         if flight.job_id and flight.job_ended_at is None:
             self.local.cancel_job(flight.job_id)
         refused = self.parties.destination_refuses(flight)
-        if refused is not None:
-            # Not the series' fault either: the attempt is given back and moves wait.
-            if self.policy.destination.begin(refused):
-                self.journal.record("destination.full", {"why": refused})
-                log.warning("destination.full", why=refused, destination=self.cfg.destination.aet)
-            self.journal.transition(
-                flight.uid, state, Event.SHORT, f"destination full: {refused}",
-                reason="destination full", received=flight.count, attempts=flight.attempt - 1,
-                next_attempt_at=self.retry.note(self.policy.destination.probe_at),
-            )  # fmt: skip
+        if refused is not None:  # not the series' fault either: the attempt is given back, moves wait
+            self._paused(flight.uid, state, "destination full", self.policy.destination, f"destination full: {refused}",
+                         received=flight.count, attempts=flight.attempt - 1)  # fmt: skip
             return
         unreachable = flight.job_error or decision.reason
         if flight.job_dimse == 0xA801:  # (only reached once moves have worked: see _check_a801)
             unreachable = f"DicomAssociation - connecting: the PACS could not reach {self.target_aet}"
         if flight.count <= flight.baseline and self.parties.source_failure(unreachable):
             # The PACS was unreachable: the attempt is given back and the run pauses.
-            self.journal.transition(
-                flight.uid, state, Event.SHORT, "source unreachable",
-                reason="source unreachable", received=flight.count,
-                next_attempt_at=self.retry.note(self.policy.source.probe_at),
-                attempts=flight.attempt - 1,
-            )  # fmt: skip
+            self._paused(flight.uid, state, "source unreachable", self.policy.source,
+                         received=flight.count, attempts=flight.attempt - 1)  # fmt: skip
             return
         reason = decision.reason or "short"
         if sent_nothing(self.method, flight.job_succeeded, flight.count, flight.baseline):
@@ -934,6 +919,11 @@ class Scheduler:
             "series.short", series=short_uid(flight.uid), received=flight.count,
             expected=flight.expected, attempt=flight.attempt, retry_in=round(when - self.clock(), 1),
         )  # fmt: skip
+
+    def _paused(self, uid: str, state: State, why: str, pause: Pause, detail: str | None = None, **fields: Any) -> None:
+        """Short because a party is paused: retried once it is probed again, no attempt spent."""
+        when = self.retry.note(pause.probe_at)
+        self.journal.transition(uid, state, Event.SHORT, detail or why, reason=why, next_attempt_at=when, **fields)
 
     def _lost(self, flight: Flight, decision: Decision) -> str | None:
         """A move the PACS refused for resources or dropped: tell the throttle; None for a short of the series' own."""
