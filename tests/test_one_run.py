@@ -19,7 +19,7 @@ import pytest
 from conftest import _new_orthanc_command, run_cli, start_cli, wait_complete
 from peers.pacs import MisbehavingPacs
 
-from bench.resilience import count_at
+from bench.resilience import count_at, write_config
 from dicom_transfer.runlock import lock_path
 from dicom_transfer.stack import OrthancProcess, OrthancSpec, Stack, launch_orthanc
 from dicom_transfer.stack import _stop_all as stop_all
@@ -27,19 +27,6 @@ from dicom_transfer.stack import _wait_all as wait_all
 from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
 
 pytestmark = pytest.mark.integration
-
-
-def config(path: Path, local_url: str, aet: str, *, source: str = "BADPACS", dest_url: str | None = None,
-           **transfer: object) -> Path:  # fmt: skip
-    settings = {"stall_s": 1, "move_timeout_s": 60, "backoff_s": 0.2, **transfer}
-    dest = f", url: {dest_url}" if dest_url else ""
-    path.write_text(
-        f"local: {{url: {local_url}}}\n"
-        f"source: {{modality: {source}}}\n"
-        f"destination: {{aet: {aet}{dest}}}\n"
-        "transfer: {" + ", ".join(f"{k}: {v}" for k, v in settings.items()) + "}\n"
-    )
-    return path
 
 
 @pytest.fixture
@@ -88,7 +75,7 @@ def test_second_run_on_the_same_journal_refuses_at_once(same: Stack, slow_pacs, 
     """Twin start: the second run exits 2 at once naming the holder and changes nothing; the first completes all."""
     pacs, series = slow_pacs
     batch = write_batch_csv(series, tmp_path / "series.csv")
-    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE")
     journal = tmp_path / "j.sqlite"
     first = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
     try:
@@ -117,7 +104,7 @@ def test_status_works_beside_the_run_and_names_it(same: Stack, slow_pacs, tmp_pa
     """`status --json` answers while a run holds the journal and says which process runs it."""
     pacs, series = slow_pacs
     batch = write_batch_csv(series, tmp_path / "series.csv")
-    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE")
     journal = tmp_path / "j.sqlite"
     run = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
     try:
@@ -137,7 +124,7 @@ def test_kill_9_frees_the_journal_for_the_next_run(same: Stack, slow_pacs, tmp_p
     """kill -9 of the holder frees the lock at once: the next start reclaims and completes every series."""
     pacs, series = slow_pacs
     batch = write_batch_csv(series, tmp_path / "series.csv")
-    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE")
     journal = tmp_path / "j.sqlite"
     first = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
     wait_for_holder(journal, first.pid)
@@ -156,7 +143,7 @@ def test_overlapping_batches_on_two_journals_move_no_series_twice(
 ) -> None:
     """Two journals listing the same series, started together: every C-MOVE at the source names a new series."""
     pacs, series = slow_pacs
-    cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE", max_in_flight=2)
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE", max_in_flight=2)
     batch_a = write_batch_csv(series, tmp_path / "a.csv")
     batch_b = write_batch_csv(series[4:] + series[:4], tmp_path / "b.csv")  # overlapping, another order
     a = start_cli("--batch", batch_a, "--config", cfg)
@@ -182,7 +169,7 @@ def test_a_journal_changed_behind_the_run_is_an_internal_error_not_bad_input(
     try:
         pacs.register_in(same.centre)
         batch = write_batch_csv(series, tmp_path / "series.csv")
-        cfg = config(tmp_path / "t.yaml", same.centre.url, "CENTRE")
+        cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE")
         journal = tmp_path / "j.sqlite"
         run = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
         deadline = time.monotonic() + 30
@@ -240,8 +227,8 @@ def test_destination_full_pauses_without_failing_then_the_same_command_resumes(
     upload(pacs.rest, series)
     batch = write_batch_csv(series, tmp_path / "series.csv")
     journal = tmp_path / "j.sqlite"
-    cfg = config(tmp_path / "t.yaml", centre.url, "DEST", source="PACS", dest_url=dest.url, unreachable_s=3,
-                 max_attempts=2)  # fmt: skip
+    cfg = write_config(tmp_path / "t.yaml", centre.url, dest_aet="DEST", source="PACS", dest_url=dest.url,
+                       unreachable_s=3, max_attempts=2)  # fmt: skip
     first = run_cli("--batch", batch, "--config", cfg, "--journal", journal, "--report", tmp_path / "r.json")
     assert first.returncode == 3, first.stderr
     summary = json.loads((tmp_path / "r.json").read_text())["summary"]
@@ -269,7 +256,8 @@ def test_destination_full_frees_up_during_the_run(full_stack, tmp_path: Path) ->
     upload(pacs.rest, series)
     batch = write_batch_csv(series, tmp_path / "series.csv")
     journal = tmp_path / "j.sqlite"
-    cfg = config(tmp_path / "t.yaml", centre.url, "DEST", source="PACS", dest_url=dest.url, unreachable_s=60)
+    cfg = write_config(tmp_path / "t.yaml", centre.url, dest_aet="DEST", source="PACS", dest_url=dest.url,
+                       unreachable_s=60)
     run = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
     try:
         deadline = time.monotonic() + 60
