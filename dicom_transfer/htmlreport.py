@@ -41,11 +41,14 @@ REASONS_SHOWN = 30
 RAW_LIMIT_POINTS = 600  # more throttle changes than this are drawn per time bucket
 RETRY_EVENTS = ("short", "requeued", "give_up", "not_found")
 RUN_PROBLEMS = ("source.unreachable", "destination.full")
-# A throttle change goes up (the limit grew back) or down (the PACS was full: halved, or at 1 already).
+# A throttle change goes up (the limit grew back, or the learned ceiling lifted) or down (the PACS
+# was full: halved, or at 1 already). The change says which (`kind`); journals written before
+# it had `kind` are read by the limit's direction and `why`.
 THROTTLE_KIND = (
-    "CASE WHEN json_extract(detail, '$.to') > json_extract(detail, '$.from') OR (json_extract(detail, '$.to')"
-    " = json_extract(detail, '$.from') AND json_extract(detail, '$.why') = 'recovered')"
-    " THEN 'throttle.up' ELSE 'throttle.down' END"
+    "CASE COALESCE(json_extract(detail, '$.kind'), CASE WHEN json_extract(detail, '$.to')"
+    " > json_extract(detail, '$.from') OR (json_extract(detail, '$.to') = json_extract(detail, '$.from')"
+    " AND json_extract(detail, '$.why') IN ('recovered', 'ceiling lifted')) THEN 'up' ELSE 'down' END)"
+    " WHEN 'up' THEN 'throttle.up' ELSE 'throttle.down' END"
 )
 
 

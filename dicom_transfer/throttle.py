@@ -75,8 +75,8 @@ class Throttle:
             self.ceiling, self.repeats = None, 0
         if self.limit < self.max_in_flight and self.streak >= self.needed():
             self.streak = 0
-            return self._change(self.limit + 1, "recovered" + ("; ceiling lifted" if lifted else ""))
-        return self._change(self.limit, "ceiling lifted") if lifted else None
+            return self._change(self.limit + 1, "recovered" + ("; ceiling lifted" if lifted else ""), "up")
+        return self._change(self.limit, "ceiling lifted", "up") if lifted else None
 
     def needed(self) -> int:
         """Completes in a row before the limit may grow by one."""
@@ -106,14 +106,14 @@ class Throttle:
     def _loss(self, issued_at: float, why: str, at_limit: int | None) -> dict[str, Any]:
         self.streak = 0
         if issued_at < self.cut_at:  # sent before the last cut: the same burst
-            return self._change(self.limit, why + " (same burst)")
+            return self._change(self.limit, why + " (same burst)", "down")
         level = self.limit if at_limit is None else max(1, min(self.limit, at_limit))
         if self.ceiling == level:
             self.repeats += 1
         else:
             self.ceiling, self.repeats = level, 1
         self.cut_at = self.clock()
-        return self._change(max(1, level // 2), why)
+        return self._change(max(1, level // 2), why, "down")
 
     def snapshot(self) -> dict[str, Any]:
         """What a resumed run starts from (recorded in the journal with every change)."""
@@ -133,8 +133,9 @@ class Throttle:
         self.drops = int(snapshot.get("drops") or 0)
         self.refusals = int(snapshot.get("refusals") or 0)
 
-    def _change(self, new: int, why: str) -> dict[str, Any]:
+    def _change(self, new: int, why: str, kind: str) -> dict[str, Any]:
+        """`kind`: "up" (grew back, or the ceiling lifted) or "down" (a loss); the report draws it."""
         old, self.limit = self.limit, new
-        change = {"from": old, "to": new, "why": why, **self.snapshot()}
+        change = {"from": old, "to": new, "why": why, "kind": kind, **self.snapshot()}
         self.changes.append(change)
         return change

@@ -73,9 +73,13 @@ def _events(p: Plan) -> Iterator[tuple[Any, ...]]:
         else:
             yield (at + secs, uid, "arrived", "verifying", "complete", f"count={p.per}")
         if i % p.throttle_every == p.throttle_every - 1:
-            yield (at, None, "throttle", None, None, json.dumps({"from": 2, "to": 1, "why": "nothing delivered"}))
+            drop = {"from": 2, "to": 1, "why": "nothing delivered", "kind": "down"}
+            yield (at, None, "throttle", None, None, json.dumps(drop))
         if i % p.throttle_every == p.throttle_every // 2 and i > p.throttle_every:
-            yield (at, None, "throttle", None, None, json.dumps({"from": 1, "to": 2, "why": "recovered"}))
+            yield (at, None, "throttle", None, None, json.dumps({"from": 1, "to": 2, "why": "recovered", "kind": "up"}))
+            # the learned ceiling lifted: the limit stays, the mark is an upward one
+            lift = {"from": 2, "to": 2, "why": "ceiling lifted", "kind": "up"}
+            yield (at + 0.1, None, "throttle", None, None, json.dumps(lift))
     end = p.issued(p.n - 1) + p.seconds(p.n - 1) + 0.1
     yield (end, None, "run.stop", None, None, json.dumps({"stopped": False, "reason": None}))
 

@@ -45,7 +45,7 @@ def truth(journal: Path) -> dict[str, Any]:
                          " AND first_issued_at IS NOT NULL"),
             "timed": one("SELECT COUNT(*) FROM series WHERE state='complete' AND seconds IS NOT NULL"),
             "limit_points": one("SELECT COUNT(*) FROM events WHERE event IN ('run.start', 'throttle', 'run.stop')"),
-            "drops": sum(c["to"] < c["from"] or (c["to"] == c["from"] and c["why"] != "recovered") for c in changes),
+            "drops": sum(c["kind"] == "down" for c in changes),
             "retries": {k: one(f"SELECT COUNT(*) FROM events WHERE event='{k}'") for k in RETRY_KINDS},
         }  # fmt: skip
 

@@ -149,7 +149,7 @@ def test_a_probe_that_holds_lifts_the_ceiling(clock: FakeClock):
     assert t.limit == 4 and t.ceiling == 4
     t.completed()
     change = t.completed()
-    assert t.ceiling is None and change is not None and "ceiling lifted" in change["why"]
+    assert t.ceiling is None and change is not None and "ceiling lifted" in change["why"] and change["kind"] == "up"
 
 
 def test_queue_shrinks_then_grows_back_within_two_recoveries(clock: FakeClock):
@@ -232,13 +232,14 @@ def test_zero_pause_allows_back_to_back_issues(clock: FakeClock):
 
 
 def test_change_dicts_carry_from_to_why_and_the_state(clock: FakeClock):
-    """Every change is a dict with from/to/why and the snapshot, kept in order in `changes`."""
+    """Every change is a dict with from/to/why/kind and the snapshot, kept in order in `changes`."""
     t = make(clock, max_in_flight=4, recover_after=1, cooldown_s=5.0)
     first = t.refused(clock(), "C-MOVE status 0xA702")
     second = t.completed()
-    assert first == {"from": 4, "to": 2, "why": "C-MOVE status 0xA702", "limit": 2, "ceiling": 4, "repeats": 1,
-                     "drops": 0, "refusals": 1, "hold_s": 5.0}  # fmt: skip
-    assert second is not None and (second["from"], second["to"], second["why"]) == (2, 3, "recovered")
+    assert first == {"from": 4, "to": 2, "why": "C-MOVE status 0xA702", "kind": "down", "limit": 2, "ceiling": 4,
+                     "repeats": 1, "drops": 0, "refusals": 1, "hold_s": 5.0}  # fmt: skip
+    assert second is not None and (second["from"], second["to"], second["why"], second["kind"]) == (
+        2, 3, "recovered", "up")  # fmt: skip
     assert t.changes == [first, second]
 
 
