@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -62,6 +64,24 @@ def slots(pacs: MisbehavingPacs) -> tuple[list[float], list[float]]:
     return slot, send
 
 
+def cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_now(wan: WanStack) -> dict[str, float]:
+    """CPU seconds so far of each party: the PACS (this process), the controller (children
+    waited for), the local Orthanc, the destination and the link."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = {"pacs": me.ru_utime + me.ru_stime, "controller": kids.ru_utime + kids.ru_stime,
+           "local": cpu_s(wan.stack.centre.proc.pid), "dest": cpu_s(wan.dest.proc.pid)}  # fmt: skip
+    pid = getattr(getattr(wan.link, "_proc", None), "pid", None)
+    if pid is not None:
+        out["link"] = cpu_s(pid)
+    return out
+
+
 def config(path: Path, wan: WanStack, mode: str, in_flight: int) -> Path:
     local = wan.stack.centre.url
     if mode == "loopback":
@@ -77,17 +97,19 @@ def config(path: Path, wan: WanStack, mode: str, in_flight: int) -> Path:
 
 
 def run(wan: WanStack, pacs: MisbehavingPacs, work: Path, mode: str, series: list[SyntheticSeries],
-        in_flight: int) -> dict[str, float]:  # fmt: skip
+        in_flight: int) -> dict[str, Any]:  # fmt: skip
     wan.dest.wipe()
     wan.stack.centre.wipe()
     pacs.reset_counters()
     batch = write_batch_csv(series, work / f"{mode}.csv")
     cfg = config(work / f"{mode}.yaml", wan, mode, in_flight)
+    cpu0 = cpu_now(wan)
     t0 = time.perf_counter()
     with open(work / f"{mode}.log", "w") as err:
         proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--batch", str(batch), "--config", str(cfg)],
                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err, check=False)  # fmt: skip
     elapsed = time.perf_counter() - t0
+    cpu = {k: v - cpu0[k] for k, v in cpu_now(wan).items()}
     if proc.returncode != 0:
         raise SystemExit(f"{mode}: exit {proc.returncode}; see {work / f'{mode}.log'}")
     n = sum(len(s.sop_uids) for s in series)
@@ -98,18 +120,32 @@ def run(wan: WanStack, pacs: MisbehavingPacs, work: Path, mode: str, series: lis
     slot, send = slots(pacs)
     snap = pacs.snapshot()
     return {
-        "seconds": elapsed, "inst_s": n / elapsed,
+        "seconds": elapsed, "n": n, "slot": slot, "send": send,
+        "dropped": sum(snap["dropped"].values()), "moves": sum(snap["moves"].values()), "cpu": cpu,
+    }  # fmt: skip
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """A mode's rounds as one: throughput over all of them, slot and send times pooled per series."""
+    slot = [x for r in runs for x in r["slot"]]
+    send = [x for r in runs for x in r["send"]]
+    seconds = sum(r["seconds"] for r in runs)
+    return {
+        "rounds": len(runs), "seconds": seconds, "inst_s": sum(r["n"] for r in runs) / seconds,
         "slot_med": statistics.median(slot), "slot_max": max(slot),
         "send_med": statistics.median(send), "send_max": max(send),
-        "dropped": sum(snap["dropped"].values()), "moves": sum(snap["moves"].values()),
+        "dropped": sum(r["dropped"] for r in runs), "moves": sum(r["moves"] for r in runs),
+        **{f"cpu_{k}": sum(r["cpu"][k] for r in runs) / len(runs) for k in runs[0]["cpu"]},
     }  # fmt: skip
 
 
 def line(rtt: float, mode: str, r: dict[str, float]) -> str:
     return (
-        f"{rtt:>4.0f} ms  {mode:<8} {r['seconds']:7.1f} s {r['inst_s']:7.0f} inst/s   slot med {r['slot_med']:6.2f} s"
+        f"{rtt:>4.0f} ms  {mode:<8} {r['rounds']:.0f} x {r['seconds'] / r['rounds']:5.1f} s {r['inst_s']:5.0f} inst/s"
+        f"   slot med {r['slot_med']:6.2f} s"
         f" max {r['slot_max']:6.2f} s   send med {r['send_med']:6.2f} s   moves {r['moves']:.0f}"
-        f" (dropped {r['dropped']:.0f})"
+        f" (dropped {r['dropped']:.0f})\n{'':10}CPU s a round: "
+        + ", ".join(f"{k[4:]} {v:.1f}" for k, v in r.items() if k.startswith("cpu_"))
     )
 
 
@@ -120,19 +156,25 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=8)
     ap.add_argument("--instances", type=int, default=100)
     ap.add_argument("--in-flight", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of loopback and relay (direct: one)")
     args = ap.parse_args()
     series = make_series(args.series, args.instances, seed=18, rows=128, columns=128)
     work = Path(tempfile.mkdtemp(prefix="bench-relay-"))
     print(f"{args.series} series x {args.instances} instances (128x128, ~33 kB each), PACS queue 2,"
           f" max_in_flight {args.in_flight}, link {args.mbit:g} Mbit/s; work {work}")  # fmt: skip
     for rtt in [float(x) for x in args.rtts.split(",")]:
-        with wan_stack(work / f"rtt{rtt:.0f}", rtt, args.mbit) as wan:
+        with wan_stack(work / f"rtt{rtt:.0f}", rtt, args.mbit, link_process=True) as wan:
             pacs = MisbehavingPacs(series, async_mode=True, queue_size=2).start()
             try:
                 pacs.register_in(wan.stack.centre)  # BADPACS; CENTRE its move destination
                 pacs.add_destination(DEST_AET, HOST, wan.dest_dicom_port)  # DEST across the link
                 here = work / f"rtt{rtt:.0f}"  # its own batches and journals: a journal left would resume
-                results = {m: run(wan, pacs, here, m, series, args.in_flight) for m in ("loopback", "direct", "relay")}
+                runs: dict[str, list[dict[str, Any]]] = {"loopback": [], "direct": [], "relay": []}
+                for k in range(args.repeat):  # alternating, so that a slow minute of the machine hits both
+                    for mode in ("loopback", "direct", "relay") if k == 0 else ("loopback", "relay"):
+                        (here / f"round{k}").mkdir(parents=True, exist_ok=True)
+                        runs[mode].append(run(wan, pacs, here / f"round{k}", mode, series, args.in_flight))
+                results = {mode: pooled(r) for mode, r in runs.items()}
             finally:
                 pacs.stop()
         for mode, r in results.items():

@@ -843,6 +843,12 @@ class Scheduler:
                        attempt=flight.attempt, seconds=round(now - flight.issued_at, 3))  # fmt: skip
         else:
             self._complete(flight, state, decision, now)
+        if self.flights and not self.pace.pacs_done(flight):
+            # The PACS may still be ending this move (its last response, the association's
+            # release) while our next one waits in its queue: a move sent now could find
+            # its queue full. Nothing is lost by waiting a little: the PACS has work. (Either
+            # mode: relay mode's moves face the same queue.)
+            self.throttle.space(self.pace.settle_s())
         change = self.throttle.completed()
         if change:
             self._throttle_changed(change)
@@ -866,11 +872,6 @@ class Scheduler:
             self._tell("series.more_than_expected", warn=True, series=short_uid(flight.uid), received=flight.count)
         if self.after is not None:
             self.after_queue.append(flight.uid)
-        if self.flights and not self.pace.pacs_done(flight):
-            # The PACS may still be ending this move (its last response, the association's
-            # release) while our next one waits in its queue: a move sent now could find
-            # its queue full. Nothing is lost by waiting a little: the PACS has work.
-            self.throttle.space(self.pace.settle_s())
 
     def _short(self, flight: Flight, state: State, decision: Decision) -> None:
         self.flights.pop(flight.uid, None)

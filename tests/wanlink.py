@@ -40,6 +40,8 @@ import collections
 import contextlib
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -393,3 +395,89 @@ class WanLink:
     @property
     def open_connections(self) -> int:
         return len(self._writers)
+
+
+class WanLinkProcess:
+    """A `WanLink` in a process of its own: `start`, `port`, `add_target`, `cut`, `restore`, `stop`.
+
+    For benchmarks whose PACS runs in the benchmark's own process: a link in a thread
+    there would take the PACS's interpreter lock for every chunk it relays, and a VPN does
+    not slow a PACS down. Commands go over the child's stdin, one line each, answered on
+    its stdout.
+    """
+
+    def __init__(self, target_host: str, target_port: int, rtt_ms: float, mbit: float | None = None, *,
+                 dicom: bool = False) -> None:  # fmt: skip
+        self.target = (target_host, target_port)
+        self.rtt_ms, self.mbit, self.dicom = rtt_ms, mbit, dicom
+        self.port = 0
+        self._proc: subprocess.Popen[str] | None = None
+        self._cut = False
+
+    def start(self) -> WanLinkProcess:
+        args = [sys.executable, __file__, self.target[0], str(self.target[1]), str(self.rtt_ms),
+                str(self.mbit or 0), "dicom" if self.dicom else "-"]  # fmt: skip
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.port = int(self._ask(None))
+        return self
+
+    def _ask(self, command: str | None) -> str:
+        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
+        if command is not None:
+            self._proc.stdin.write(command + "\n")
+        answer = self._proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the link process ended (exit {self._proc.poll()})")
+        return answer.strip()
+
+    def add_target(self, target_host: str, target_port: int) -> int:
+        return int(self._ask(f"add {target_host} {target_port}"))
+
+    @property
+    def is_cut(self) -> bool:
+        return self._cut
+
+    def cut(self) -> None:
+        self._ask("cut")
+        self._cut = True
+
+    def restore(self) -> None:
+        self._ask("restore")
+        self._cut = False
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()  # its loop ends on EOF
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
+def _serve_commands(argv: list[str]) -> None:
+    """The child of `WanLinkProcess`: a link on argv's target; commands from stdin."""
+    host, port, rtt, mbit, dicom = argv
+    link = WanLink(host, int(port), rtt_ms=float(rtt), mbit=float(mbit) or None, dicom=dicom == "dicom").start()
+    print(link.port, flush=True)
+    try:
+        for line in sys.stdin:
+            words = line.split()
+            if words[:1] == ["add"]:
+                print(link.add_target(words[1], int(words[2])), flush=True)
+            elif words == ["cut"]:
+                link.cut()
+                print("ok", flush=True)
+            elif words == ["restore"]:
+                link.restore()
+                print("ok", flush=True)
+    finally:
+        link.stop()
+
+
+if __name__ == "__main__":
+    _serve_commands(sys.argv[1:])

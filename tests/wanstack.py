@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wanlink import WanLink
+from wanlink import WanLink, WanLinkProcess
 
 from dicom_transfer.stack import (
     CENTRE_AET,
@@ -38,7 +38,7 @@ class WanStack:
     """A "separate" stack whose destination sits behind `link`."""
 
     stack: Stack
-    link: WanLink
+    link: WanLink | WanLinkProcess
     dest_dicom_port: int  # the link's port for DEST's DICOM port
     dest_url: str  # the link's port for DEST's REST API
 
@@ -66,12 +66,18 @@ def wan_stack(
     *,
     extra_config: dict[str, Any] | None = None,
     ready_timeout_s: float = 30,
+    link_process: bool = False,
 ) -> Iterator[WanStack]:
-    """Start the link, then PACS, CENTRE and DEST (killed on exit, the link stopped)."""
+    """Start the link, then PACS, CENTRE and DEST (killed on exit, the link stopped).
+
+    `link_process`: the link runs in a process of its own (`WanLinkProcess`), for a
+    benchmark whose PACS shares its interpreter; it records no connections then.
+    """
     pacs_spec = OrthancSpec.plan("pacs", PACS_AET)
     centre_spec = OrthancSpec.plan("centre", CENTRE_AET)
     dest_spec = OrthancSpec.plan("dest", DEST_AET)
-    link = WanLink(HOST, dest_spec.dicom_port, rtt_ms=rtt_ms, mbit=mbit, dicom=True).start()
+    kind = WanLinkProcess if link_process else WanLink
+    link = kind(HOST, dest_spec.dicom_port, rtt_ms=rtt_ms, mbit=mbit, dicom=True).start()
     processes: list[OrthancProcess] = []
     try:
         http_port = link.add_target(HOST, dest_spec.http_port)
