@@ -35,6 +35,7 @@ from .orthanc import ForwardTarget, LocalStore
 log = structlog.get_logger("dicom_transfer")
 
 DISK_EVERY_S = 1.0  # the local Orthanc's disk use is asked at most this often
+DELETE_EVERY_S = 5.0  # a local copy whose delete failed is tried again this often
 GB = 10**9
 
 
@@ -134,6 +135,7 @@ class Relay:
         self.disk_bytes = 0
         self.full_since: float | None = None
         self.sent = 0  # instances forwarded by this run
+        self.left: dict[str, float] = {}  # complete series whose local delete failed → when to try again
 
     # -- held series ------------------------------------------------------------------
 
@@ -209,6 +211,30 @@ class Relay:
     def finished(self, uid: str) -> Held | None:
         return self.held.pop(uid, None)
 
+    # -- local copies left behind -----------------------------------------------------
+
+    def left_behind(self, uid: str, now: float) -> None:
+        """A series complete at the destination whose local copy could not be deleted: try again later."""
+        self.left[uid] = now + DELETE_EVERY_S
+        self._disk_at = float("-inf")
+
+    def delete_left(self, now: float, *, all_now: bool = False) -> int:
+        """Delete the local copies left behind that are due (all of them with `all_now`); how many went."""
+        gone = 0
+        for uid, due in list(self.left.items()):
+            if not all_now and due > now:
+                continue
+            try:
+                self.store.delete_series(uid)
+            except (OrthancError, Unreachable) as exc:
+                self.left[uid] = now + DELETE_EVERY_S
+                log.info("relay.delete_retry", series=uid[-10:], error=exc.message)
+                continue
+            del self.left[uid]
+            gone += 1
+            self._disk_at = float("-inf")  # room again: the bound is looked at before the next move
+        return gone
+
     def close(self) -> None:
         if self._clients is not None:
             for client in self._clients:
@@ -234,3 +260,18 @@ class Relay:
                 log.info("relay.local_room", waited_s=round(now - self.full_since, 1))
                 self.full_since = None
         return self.full_since is not None
+
+    def stuck(self, now: float, limit_s: float) -> str | None:
+        """The stop reason when the bound is held by data not ours for longer than `limit_s`.
+
+        Moves wait for forwards to free the local Orthanc; with nothing of this run's held
+        there and none being forwarded, no forward ever will: waiting all night would move
+        nothing (the same rule as a party out longer than `transfer.unreachable_s`).
+        """
+        if self.full_since is None or self.held or self.busy is not None or now - self.full_since < limit_s:
+            return None
+        return (
+            f"the local Orthanc stores {self.disk_bytes / GB:.2f} GB, at least relay.max_local_gb"
+            f" ({self.cfg.relay.max_local_gb:g}), and none of it is this run's to forward"
+            f" (waited {now - self.full_since:.0f} s): free space there or raise relay.max_local_gb"
+        )

@@ -191,9 +191,20 @@ class Scheduler:
             self.journal.flush()  # proofs made in the last pass
             self._log_told()
             self.claims.close()
+            self._last_deletes()
             result.counts = self.journal.counts()
             self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
+
+    def _last_deletes(self) -> None:
+        """One more try at the local copies whose delete failed; those still there are named."""
+        if self.relay is None or not self.relay.left:
+            return
+        self.relay.delete_left(self.clock(), all_now=True)
+        if self.relay.left:
+            log.warning("relay.local_left", count=len(self.relay.left),
+                        series=[short_uid(uid) for uid in sorted(self.relay.left)[:20]],
+                        why="complete at the destination; deleting the local copy failed")  # fmt: skip
 
     def _loop(self) -> RunResult:
         result = RunResult()
@@ -206,7 +217,7 @@ class Scheduler:
             if not open_now and not self.flights and self.until_window_end:
                 result = RunResult(True, "outside the time window")
                 break
-            gone = None if self.flights else self.policy.gone_too_long(now)
+            gone = None if self.flights else self.policy.gone_too_long(now) or self._relay_stuck(now)
             if gone:
                 result = RunResult(True, gone)
                 break
@@ -367,6 +378,7 @@ class Scheduler:
         for done in relay.results():
             self._forwarded(done)
             progressed = True
+        progressed |= relay.delete_left(now) > 0
         held = relay.take(now)
         if held is not None:
             attempt = held.tries + 1
@@ -392,6 +404,8 @@ class Scheduler:
             )  # fmt: skip
             self._tell("series.complete", series=short_uid(done.uid), received=done.count, expected=held.expected,
                        forwarded=done.sent, forward_s=round(done.seconds, 3), local_deleted=done.deleted)  # fmt: skip
+            if not done.deleted:
+                self.relay.left_behind(done.uid, now)
             if self.after is not None:
                 self.after_queue.append(done.uid)
             return
@@ -586,6 +600,9 @@ class Scheduler:
         log.info("series.query_retry", series=short_uid(row.uid), attempt=attempts, error=reason)
 
     # -- moves ------------------------------------------------------------------------
+
+    def _relay_stuck(self, now: float) -> str | None:
+        return None if self.relay is None or not self._ready else self.relay.stuck(now, self.t.unreachable_s)
 
     def _issue(self) -> bool:
         if self.relay is not None and self._ready and self.relay.full(self.clock()):

@@ -23,8 +23,8 @@ from wanlink import WanLink
 
 from bench.resilience import cli_popen, count_at, deleted_too_soon, finish_background, journal_rows, r3_kills
 from dicom_transfer.config import load_config
-from dicom_transfer.errors import ConfigError
-from dicom_transfer.relay import chunks
+from dicom_transfer.errors import ConfigError, Unreachable
+from dicom_transfer.relay import DELETE_EVERY_S, Relay, chunks
 from dicom_transfer.stack import HOST, Stack, start_stack
 from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
 
@@ -182,6 +182,31 @@ def test_relay_moves_wait_while_the_local_orthanc_is_full(separate: Stack, tmp_p
     check_relayed(separate, series, tmp_path / "series.journal.sqlite")
 
 
+def test_relay_stops_when_the_local_orthanc_is_full_of_data_not_its_own(separate: Stack, tmp_path: Path) -> None:
+    """The bound taken by other data: no forward can free it, so after unreachable_s the run stops (exit 3),
+    resumable, nothing failed; with room the same batch completes."""
+    assert separate.dest is not None
+    series = make_series(3, 10, seed=186)
+    other = make_series(1, 20, seed=187, rows=128, columns=128)  # someone else's series on the local Orthanc
+    upload(separate.pacs.rest, series)
+    upload(separate.centre.rest, other)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    journal = tmp_path / "series.journal.sqlite"
+    cfg = relay_config(tmp_path / "t.yaml", separate, max_local_gb=0.0001, unreachable_s=2)
+    res = run_cli("--batch", batch, "--config", cfg, timeout=120)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "none of it is this run's to forward" in res.stderr and "relay.max_local_gb" in res.stderr, res.stderr
+    with closing(sqlite3.connect(journal)) as db:
+        assert db.execute("SELECT COUNT(*) FROM series WHERE state IN ('failed', 'complete')").fetchone()[0] == 0
+    assert count_at(separate.centre.rest, other[0].series_uid) == 20  # not ours: never touched
+    cfg = relay_config(tmp_path / "t.yaml", separate, max_local_gb=1, unreachable_s=2)
+    res = run_cli("--batch", batch, "--config", cfg, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for s in series:
+        assert count_at(separate.dest.rest, s.series_uid) == len(s.sop_uids)
+    assert count_at(separate.centre.rest, other[0].series_uid) == 20
+
+
 def test_relay_needs_two_servers(tmp_path: Path) -> None:
     """transfer.mode relay without a destination.url of its own is a config error naming the key."""
     path = tmp_path / "t.yaml"
@@ -198,3 +223,51 @@ def test_chunks_bound_each_request() -> None:
     sizes = [("a", 40), ("b", 40), ("c", 40), ("d", 200), ("e", 10)]
     assert list(chunks(sizes, 100)) == [["a", "b"], ["c"], ["d"], ["e"]]
     assert list(chunks([], 100)) == []
+
+
+class FakeLocal:
+    """A local Orthanc whose deletes fail while `down`, and whose disk holds `disk` bytes."""
+
+    def __init__(self, disk: int = 0) -> None:
+        self.down, self.disk, self.deleted = False, disk, []  # type: list[str]
+
+    def delete_series(self, uid: str) -> None:
+        if self.down:
+            raise Unreachable(None, "http://127.0.0.1:1/series/x", "connection refused")
+        self.deleted.append(uid)
+
+    def disk_bytes(self) -> int:
+        return self.disk
+
+
+def fake_relay(local: FakeLocal, tmp_path: Path, max_local_gb: float = 1) -> Relay:
+    path = tmp_path / "t.yaml"
+    path.write_text(f"destination: {{url: 'http://10.0.0.9:8042'}}\ntransfer: {{mode: relay}}\n"
+                    f"relay: {{max_local_gb: {max_local_gb}}}\n")  # fmt: skip
+    return Relay(load_config(path), local, None, wake=lambda: None)  # type: ignore[arg-type]
+
+
+def test_a_failed_local_delete_is_tried_again_until_it_goes(tmp_path: Path) -> None:
+    """A copy left behind after its series completed is deleted on a later pass, not at every pass."""
+    local = FakeLocal()
+    relay = fake_relay(local, tmp_path)
+    local.down = True
+    relay.left_behind("1.2.3", now=100.0)
+    assert relay.delete_left(101.0) == 0 and local.deleted == []  # not due yet: no request at all
+    assert relay.delete_left(100.0 + DELETE_EVERY_S) == 0 and "1.2.3" in relay.left  # due, still failing
+    local.down = False
+    assert relay.delete_left(101.0 + DELETE_EVERY_S) == 0  # the failure put it off again
+    assert relay.delete_left(100.0 + 2 * DELETE_EVERY_S) == 1 and local.deleted == ["1.2.3"] and not relay.left
+    relay.left_behind("4.5.6", now=200.0)
+    assert relay.delete_left(200.0, all_now=True) == 1 and local.deleted[-1] == "4.5.6"  # the run's last try
+
+
+def test_the_bound_held_by_data_not_ours_stops_after_the_limit(tmp_path: Path) -> None:
+    """Full with nothing of this run's held: a stop reason once the wait passes the limit; not while ours wait."""
+    local = FakeLocal(disk=2 * 10**9)
+    relay = fake_relay(local, tmp_path, max_local_gb=1)
+    assert relay.full(10.0) and relay.stuck(10.0 + 29, 30) is None
+    reason = relay.stuck(10.0 + 30, 30)
+    assert reason is not None and "2.00 GB" in reason and "relay.max_local_gb (1)" in reason
+    relay.hold("1.2.3", expected=10, first_issued_at=None)  # one of ours: a forward will free room
+    assert relay.stuck(10.0 + 60, 30) is None

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_transfer import series_count
-from wanlink import P_DATA_TF, WanLink
+from wanlink import P_DATA_TF, WanLink, WanLinkProcess
 
 from dicom_transfer.orthanc import OrthancRest
 from dicom_transfer.stack import Stack
@@ -235,6 +235,42 @@ def test_cut_holds_traffic_until_restore(echo: Server) -> None:
         assert _recv_exactly(fresh, 3) == b"new"
         sock.close()
         fresh.close()
+
+
+def test_the_link_in_a_process_of_its_own(echo: Server) -> None:
+    """WanLinkProcess (the benchmarks' link): the same delay, a second target, cut and restore, a clean stop."""
+    other = Server("echo")
+    other.start()
+    link = WanLinkProcess(HOST, echo.port, rtt_ms=20, mbit=100).start()
+    try:
+        second = link.add_target(HOST, other.port)
+        times = []
+        for port in (link.port, second):
+            sock = _client(port)
+            sock.sendall(b"x")
+            _recv_exactly(sock, 1)
+            for _ in range(5):
+                t = time.perf_counter()
+                sock.sendall(b"y")
+                _recv_exactly(sock, 1)
+                times.append(time.perf_counter() - t)
+            if port == second:
+                link.cut()
+                assert link.is_cut
+                sock.sendall(b"held")
+                sock.settimeout(0.2)
+                with pytest.raises(socket.timeout):
+                    sock.recv(10)
+                link.restore()
+                sock.settimeout(5)
+                assert _recv_exactly(sock, 4) == b"held"
+            sock.close()
+        assert 0.020 <= statistics.median(times) <= 0.024, [round(x * 1000, 1) for x in times]
+    finally:
+        link.stop()
+        other.close()
+    with pytest.raises(OSError):
+        _client(second)  # stopped: nothing listens any more
 
 
 # ---------------------------------------------------------------------------------------
