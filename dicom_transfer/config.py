@@ -723,15 +723,17 @@ def _same_url(a: str, b: str) -> bool:
 
 
 def _check_retrieve(ctx: _Ctx, local: LocalConfig, destination: DestinationConfig, transfer: TransferConfig) -> None:
-    """C-GET stores into the Orthanc that issued it: the local one must be the destination."""
+    """C-GET stores into the Orthanc that issued it: the local one must be the destination,
+    or relay mode must forward from it."""
     if transfer.retrieve != "get":
         return
-    if destination.url is not None and not _same_url(destination.url, local.url):
+    relayed = transfer.mode == "relay"  # the local Orthanc holds, the forward crosses to the destination
+    if destination.url is not None and not _same_url(destination.url, local.url) and not relayed:
         raise ctx.error(
             "transfer.retrieve",
             f"get: a C-GET lands in the local Orthanc ({local.url}), but destination.url is {destination.url};"
-            " set destination.url to null (or to local.url), or use retrieve: move"
-            " (C-GET with transfer.mode: relay is not supported yet)",
+            " set destination.url to null (or to local.url), use transfer.mode: relay to forward from there,"
+            " or use retrieve: move",
         )
     if transfer.move_method != "auto":
         raise ctx.error(

@@ -213,7 +213,10 @@ def test_get_to_another_destination_is_a_config_error(tmp_path: Path) -> None:
     res = run_cli("--batch", batch, "--config", cfg)
     assert res.returncode == 2, res.stderr
     assert "transfer.retrieve" in res.stderr and "lands in the local Orthanc" in res.stderr
+    assert "transfer.mode: relay" in res.stderr  # the way to forward from the local Orthanc
     assert not (tmp_path / "series.journal.sqlite").exists()
+    cfg.write_text(cfg.read_text().replace("{retrieve: get}", "{retrieve: get, mode: relay}"))
+    assert load_config(cfg, env={}).relay_mode  # relay forwards what the C-GET brought in
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,26 @@ def test_relay_on_orthanc_1_12(stack_new_separate: Stack, tmp_path: Path) -> Non
     check_relayed(stack, series, tmp_path / "series.journal.sqlite")
 
 
+def test_relay_with_c_get_where_the_pacs_does_not_know_the_local_aet(stack_new_separate: Stack, tmp_path: Path) -> None:
+    """retrieve: get in relay mode: the local Orthanc C-GETs each series (no move destination at the PACS), holds it,
+    forwards it; whole at the destination, gone locally, one get-job per series."""
+    stack = stack_new_separate
+    stack.reset()
+    series = make_series(3, 8, seed=188, rows=32, columns=32)
+    upload(stack.pacs.rest, series)
+    stack.pacs.rest.delete("/modalities/CENTRE")  # a C-MOVE to the local Orthanc could not be sent
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = relay_config(tmp_path / "t.yaml", stack, retrieve="get")
+    res = run_cli("--batch", batch, "--config", cfg, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    journal = tmp_path / "series.journal.sqlite"
+    check_relayed(stack, series, journal)
+    with closing(sqlite3.connect(journal)) as db:
+        assert {m for (m,) in db.execute("SELECT move_method FROM series")} == {"get-job"}
+        jobs = [stack.centre.rest.get(f"/jobs/{j}") for (j,) in db.execute("SELECT job_id FROM series")]
+    assert {j["Type"] for j in jobs} == {"DicomGetScu"} and len(jobs) == 3
+
+
 def test_relay_kill9_at_random_points(separate: Stack, tmp_path: Path) -> None:
     """kill -9 at 10 seeded random points in relay mode: all complete, none complete while short, none deleted early."""
     series = make_series(8, 20, seed=183, rows=16, columns=16)
