@@ -196,16 +196,6 @@ class Scheduler:
             self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
 
-    def _last_deletes(self) -> None:
-        """One more try at the local copies whose delete failed; those still there are named."""
-        if self.relay is None or not self.relay.left:
-            return
-        self.relay.delete_left(self.clock(), all_now=True)
-        if self.relay.left:
-            log.warning("relay.local_left", count=len(self.relay.left),
-                        series=[short_uid(uid) for uid in sorted(self.relay.left)[:20]],
-                        why="complete at the destination; deleting the local copy failed")  # fmt: skip
-
     def _loop(self) -> RunResult:
         result = RunResult()
         while True:
@@ -456,6 +446,20 @@ class Scheduler:
             self.relay.hold(row.uid, expected, row.first_issued_at)
             log.info("series.reclaimed", series=short_uid(row.uid), count=count, expected=expected, at="local")
 
+    def _relay_stuck(self, now: float) -> str | None:
+        """Why the run must stop: series wait for room at the local Orthanc that no forward can make."""
+        return None if self.relay is None or not self._ready else self.relay.stuck(now, self.t.unreachable_s)
+
+    def _last_deletes(self) -> None:
+        """One more try at the local copies whose delete failed; those still there are named."""
+        if self.relay is None or not self.relay.left:
+            return
+        self.relay.delete_left(self.clock(), all_now=True)
+        if self.relay.left:
+            log.warning("relay.local_left", count=len(self.relay.left),
+                        series=[short_uid(uid) for uid in sorted(self.relay.left)[:20]],
+                        why="complete at the destination; deleting the local copy failed")  # fmt: skip
+
     # -- retries ----------------------------------------------------------------------
 
     def _release_retries(self, now: float) -> bool:
@@ -600,9 +604,6 @@ class Scheduler:
         log.info("series.query_retry", series=short_uid(row.uid), attempt=attempts, error=reason)
 
     # -- moves ------------------------------------------------------------------------
-
-    def _relay_stuck(self, now: float) -> str | None:
-        return None if self.relay is None or not self._ready else self.relay.stuck(now, self.t.unreachable_s)
 
     def _issue(self) -> bool:
         if self.relay is not None and self._ready and self.relay.full(self.clock()):
@@ -978,4 +979,3 @@ class Scheduler:
     def _throttle_changed(self, change: dict[str, Any]) -> None:
         self.journal.record("throttle", change, meta={"throttle": self.throttle.snapshot()})
         log.info("throttle.changed", **change)
-
