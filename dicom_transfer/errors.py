@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class DicomTransferError(Exception):
     """Base of every error this tool raises on purpose."""
@@ -61,6 +63,24 @@ class JournalError(DicomTransferError):
 
 class JournalInUse(JournalError):
     """Another run holds the journal: this one refuses before touching anything (exit 2)."""
+
+
+class JournalFull(JournalError):
+    """The journal's disk is full: the write was rolled back and the run stops (exit 3, resumable).
+
+    What the journal held stays as it was; a proof that could not be written is found again
+    by the next run, which counts every series left in flight at the destination first.
+    """
+
+    exit_code = 3
+
+    def __init__(self, path: Path, free_bytes: int | None) -> None:
+        self.path, self.free_bytes = path, free_bytes
+        free = f"{free_bytes / 2**20:.1f} MB free" if free_bytes is not None else "free space unknown"
+        super().__init__(
+            f"journal {path}: the disk is full ({free} in {path.parent}); the journal is intact and series"
+            " in flight are counted at the destination on resume: free space there, then run the same command"
+        )
 
 
 class StateConflict(JournalError):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import JournalError, StateConflict
+from .errors import JournalError, JournalFull, StateConflict
 from .states import Event, State, next_state
 
 SCHEMA_VERSION = 2  # 2: uid's UNIQUE index built at the end of a plan; state_counts, run_times
@@ -181,6 +182,18 @@ def peek_meta(path: Path, keys: Iterable[str]) -> dict[str, str]:
         db.close()
 
 
+def disk_full(exc: sqlite3.Error) -> bool:
+    """SQLite could not write: the disk (or the file system's quota) is full."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file, streamed (to tell whether a journal belongs to this batch)."""
     h = hashlib.sha256()
@@ -252,7 +265,12 @@ class Journal:
     def checkpoint(self) -> None:
         """A passive checkpoint when CHECKPOINT_EVERY writes came since the last (see `defer_checkpoints`)."""
         if self._checkpointed_at is not None and self.writes - self._checkpointed_at >= CHECKPOINT_EVERY:
-            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.OperationalError as exc:
+                if disk_full(exc):
+                    raise JournalFull(self.path, free_bytes(self.path.parent)) from exc
+                raise
             self._checkpointed_at = self.writes
 
     # -- meta -------------------------------------------------------------------------
@@ -563,8 +581,11 @@ class Journal:
             for step in self._deferred:
                 self._apply(step)
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            if self.db.in_transaction:  # SQLite may have rolled back by itself (a full disk)
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and disk_full(exc):
+                raise JournalFull(self.path, free_bytes(self.path.parent)) from exc
             raise
-        self.db.execute("COMMIT")
         self._deferred.clear()

@@ -87,8 +87,11 @@ class JournalLock:
                 break
             os.close(fd)
         info = {"pid": os.getpid(), "started_at": self.clock(), "host": socket.gethostname()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, only the holder's name is missing
+            pass
         self.fd = fd
 
     def release(self) -> None:

@@ -23,7 +23,7 @@ import structlog
 
 from .cget import every_get_silent, refused_as_such, sent_nothing, silent_reason
 from .config import Config
-from .errors import DestinationUnknown, MoveRefused, OrthancError, Unreachable
+from .errors import DestinationUnknown, JournalFull, MoveRefused, OrthancError, Unreachable
 from .flights import HOT_POLL_S, OVERTAKEN_GRACE_S, Flight, Pace, Workers, hot_interval, predicted_end
 from .issuing import IssuePolicy
 from .journal import Journal, SeriesRow
@@ -162,6 +162,7 @@ class Scheduler:
         self._mover: LocalOrthanc | None = None  # own client for blocking moves' threads
         self._workers = Workers("move")
         self._pending: deque[SeriesRow] = deque()  # the next `pending` rows, read in chunks
+        self._left_queried: set[str] = set()
         self._first_alone = True  # the first query of the run asks one series, not a list
         self._told: list[tuple[Callable[..., Any], str, dict[str, Any]]] = []  # logged once the pass is done
 
@@ -180,20 +181,28 @@ class Scheduler:
         log.info("run.start", method=self.method, max_in_flight=self.t.max_in_flight)
         self._reclaim()
         self._ready = [(row.seq, row) for row in self.journal.rows(State.QUERIED)]
+        # Left `queried` by a run that stopped between a move and its record: counted first.
+        self._left_queried = {row.uid for _, row in self._ready}
         self.retry.next_due = self.journal.next_retry_at()
         result = RunResult()
+        full = False  # the journal's disk: nothing more can be written, the next run reclaims
         try:
             result = self._loop()
         except Unreachable as exc:
             result = RunResult(True, f"a party stopped answering: {exc}")
             raise
+        except JournalFull:
+            full = True
+            raise
         finally:
-            self.journal.flush()  # proofs made in the last pass
+            if not full:
+                self.journal.flush()  # proofs made in the last pass
             self._log_told()
             self.claims.close()
             self._last_deletes()
-            result.counts = self.journal.counts()
-            self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
+            if not full:
+                result.counts = self.journal.counts()
+                self.journal.record("run.stop", {"stopped": result.stopped, "reason": result.stop_reason})
         return result
 
     def _loop(self) -> RunResult:
@@ -628,14 +637,18 @@ class Scheduler:
         """The row, free to move; None when another run moves it (it is looked at again later).
 
         Another run on this machine holding the series waits this one out. When another
-        run to the same destination is alive, or part of the series is there already
-        (perhaps arriving from a run elsewhere), the destination is counted first: whole
-        is complete without a move, a count that changed since the query is left to settle.
+        run to the same destination is alive, part of the series is there already (perhaps
+        arriving from a run elsewhere), or a previous run left it `queried` (it may have
+        stopped after sending the move, before recording it), the destination is counted
+        first: whole is complete without a move, a count that changed since the query is
+        left to settle.
         """
         if not self.claims.take(row.uid):
             self._elsewhere(row, "in flight in another run on this machine")
             return None
-        if row.received <= 0 and not self.claims.others():
+        left = row.uid in self._left_queried
+        self._left_queried.discard(row.uid)
+        if row.received <= 0 and not self.claims.others() and not left:
             return row
         count = self.dest.count(row.uid)
         if row.expected is not None and count >= row.expected:
@@ -673,8 +686,8 @@ class Scheduler:
 
         def issued(job_id: str | None) -> None:
             # Recorded (with its job id) once sent and before it is waited on: a crash in
-            # between leaves a `queried` row that the next run counts and moves again (at
-            # worst a duplicate move, never a lost one or a `moving` row with no job).
+            # between leaves a `queried` row that the next run counts before moving it (see
+            # `_claim`): never a lost move, nor a `moving` row with no job.
             self.journal.transition(
                 row.uid, State.QUERIED, Event.ISSUED,
                 f"attempt={attempt}" + (f" instances={len(subset)}" if subset else ""),

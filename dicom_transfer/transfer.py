@@ -17,12 +17,13 @@ import structlog
 from .batch import BatchCheck, BatchRow, check_batch, iter_batch
 from .config import Config
 from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable, Untrusted
-from .journal import PLAN_CHUNK, Journal, file_digest, peek_meta
+from .journal import PLAN_CHUNK, Journal, file_digest, free_bytes, peek_meta
 from .orthanc import Destination, ForwardTarget, LocalOrthanc, LocalStore, OrthancRest, check_c_get
 from .relay import Relay
 from .report import build_report, write_report
 from .runlock import JournalLock
 from .scheduler import RunResult, Scheduler, StopFlag
+from .states import State
 from .steps import AfterArrivalSteps
 from .steps import validate as validate_steps
 
@@ -142,6 +143,21 @@ def checked_batch(batch: Path, journal_path: Path) -> BatchCheck:
             if digest == known["batch_sha256"]:
                 return BatchCheck(batch, digest, int(known["batch_rows"]), int(known["batch_studies"]))
     return check_batch(batch)
+
+
+JOURNAL_BYTES_PER_SERIES = 2048  # a finished run's journal holds ~600 B a series; retries add events
+JOURNAL_SPARE_BYTES = 64 * 2**20  # the write-ahead log between checkpoints, and what else shares the disk
+
+
+def _warn_if_little_room(journal: Journal) -> None:
+    """Say so at the start when the journal's disk may fill before the batch is done (it stops then, exit 3)."""
+    counts = journal.counts()
+    left = sum(n for state, n in counts.items() if state not in (State.COMPLETE.value, State.FAILED.value))
+    need = JOURNAL_SPARE_BYTES + JOURNAL_BYTES_PER_SERIES * left
+    free = free_bytes(journal.path.parent)
+    if free is not None and free < need:
+        log.warning("journal.disk_low", journal=str(journal.path), free_mb=round(free / 2**20, 1),
+                    about_needed_mb=round(need / 2**20, 1), series_left=left)  # fmt: skip
 
 
 def plan(journal: Journal, batch: Path, checked: BatchCheck, cfg: Config, local: LocalOrthanc | None) -> int:
@@ -275,6 +291,7 @@ def _run_locked(
     relay: Relay | None = None
     try:
         plan(journal, batch, checked, cfg, local)
+        _warn_if_little_room(journal)
         stop = StopFlag()
         after = AfterArrivalSteps(cfg, journal, dest, show_phi=show_phi, stop=stop)
         if cfg.relay_mode:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_transfer.errors import IllegalTransition, JournalError, StateConflict
+from dicom_transfer.errors import IllegalTransition, JournalError, JournalFull, StateConflict
 from dicom_transfer.journal import PLAN_CHUNK, Journal, SeriesRow
 from dicom_transfer.states import Event, State
 
@@ -615,3 +615,26 @@ def test_journal_of_schema_1_gets_tallies_on_open(tmp_path: Path):
         assert j.plan(batch_rows(["1.2.2", "1.2.4"]), tmp_path / "b.csv") == 1  # the inline UNIQUE still guards
     finally:
         j.close()
+
+
+def test_a_full_disk_is_journal_full_and_loses_nothing_written(journal: Journal, path: Path):
+    """SQLite's "database or disk is full" (here: its page limit reached) rolls back and raises JournalFull
+    (exit 3) naming the journal; what was written stays, a deferred proof stays queued for the next write."""
+    done = UIDS[0]
+    to_moving(journal, done)
+    pages = journal.db.execute("PRAGMA page_count").fetchone()[0]
+    journal.db.execute(f"PRAGMA max_page_count={pages}")  # not one page more: as a disk with no room
+    with pytest.raises(JournalFull) as caught:
+        for i in range(100):  # rows until a page more is needed
+            journal.record("filler", {"n": i, "pad": "x" * 400})
+    assert caught.value.exit_code == 3 and str(path) in str(caught.value) and "disk is full" in str(caught.value)
+    assert not journal.db.in_transaction
+    before = event_rows(path)
+    journal.transition(done, State.MOVING, Event.ARRIVED, defer=True, received=50, verified="count")
+    with pytest.raises(JournalFull):
+        journal.record("filler", {"pad": "x" * 5000})  # needs pages: fails, and the proof it carried with it
+    assert journal.get(done).state is State.MOVING and event_rows(path) == before
+    journal.db.execute("PRAGMA max_page_count=1073741823")  # room again
+    journal.flush()  # the proof was kept queued: written now
+    assert journal.get(done).state is State.COMPLETE
+    assert event_rows(path)[: len(before)] == before

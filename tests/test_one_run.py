@@ -5,10 +5,12 @@ Real Orthanc processes, a real misbehaving PACS, the CLI as a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -273,3 +275,63 @@ def test_destination_full_frees_up_during_the_run(full_stack, tmp_path: Path) ->
     assert states(journal) == {"complete": 8}
     assert len(events(journal, "destination.full")) == 1
     assert events(journal, "destination.stores")
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path`: a real file system that fills up (mounting needs root, as CI has)."""
+    path.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into `folder` until its file system refuses (ENOSPC); the filler file."""
+    filler = folder / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_journal_disk_stops_cleanly_and_resumes(same: Stack, tmp_path: Path) -> None:
+    """The journal's disk fills mid-run (another program): exit 3 naming the journal and the full disk, no
+    traceback, nothing failed; once space is freed the same command completes, every series moved once
+    (the series whose move was sent but not recorded is counted before it is moved again)."""
+    series = make_series(40, 2, seed=213, rows=16, columns=16)
+    pacs = MisbehavingPacs(series, store_delay_s=0.02).start()  # ~40 ms a series: the fill lands mid-run
+    try:
+        pacs.register_in(same.centre)
+        batch = write_batch_csv(series, tmp_path / "series.csv")
+        cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE")
+        with small_disk(tmp_path / "disk", "8M") as disk:
+            journal = disk / "j.sqlite"
+            args = ("--batch", batch, "--config", cfg, "--journal", journal)
+            run = start_cli(*args)
+            try:
+                assert wait_complete(journal, 5) >= 5
+                filler = fill(disk)
+            finally:
+                out, err = run.communicate(timeout=120)
+            assert run.returncode == 3, err[-3000:]
+            assert f"journal {journal}: the disk is full" in err.replace("\n", "") and "Traceback" not in err, err
+            assert "journal.disk_low" in err  # said at the start: 8 MB is less than the journal may need
+            done = states(journal)
+            assert "failed" not in done and 5 <= done.get("complete", 0) < 40, done
+            filler.unlink()
+            again = run_cli(*args, timeout=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert all(count_at(same.centre.rest, s.series_uid) == 2 for s in series)
+        assert all(pacs.moves[s.series_uid] == 1 for s in series), pacs.moves  # the stop moved nothing twice
+    finally:
+        pacs.stop()
