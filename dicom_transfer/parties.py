@@ -19,6 +19,12 @@ from .orthanc import Destination, LocalOrthanc, is_association_failure
 
 log = structlog.get_logger("dicom_transfer")
 
+# Series in a row whose moves the PACS answered with a failure (0xCxxx) and of which nothing
+# arrived, once series have arrived before: the destination (its disk, or the PACS's route
+# to it) stopped storing, not the series. An Orthanc PACS answers 0xC000 when every C-STORE
+# failed, whatever the cause; one such series is its own problem, three in a row are not.
+EMPTY_STREAK = 3
+
 
 class Parties:
     """Pause, probe and resume for the source and the destination."""
@@ -27,6 +33,8 @@ class Parties:
         self, cfg: Config, journal: Journal, local: LocalOrthanc, dest: Destination, policy: IssuePolicy
     ) -> None:
         self.cfg, self.journal, self.local, self.dest, self.policy = cfg, journal, local, dest, policy
+        self.stored = journal.counts()["complete"] > 0  # the destination has stored series of this batch
+        self.empty: dict[str, None] = {}  # series in a row whose moves failed with nothing arriving
 
     # -- the source unreachable: pause, probe, resume (attempts are not spent) --------
 
@@ -65,11 +73,16 @@ class Parties:
 
         Its own figures (MaximumStorageSize with mode Reject), or the PACS's answer: C-MOVE
         Warning 0xB000 (sub-operations failed) with nothing arriving means every C-STORE
-        to the destination was refused. None when the destination is not the cause.
+        to the destination was refused; so do EMPTY_STREAK failed moves in a row with
+        nothing arriving, once series have arrived (a disk that filled up without a limit:
+        the destination cannot say so). None when the destination is not the cause.
         """
         full = self._storage_full()
-        if full is None and flight.job_dimse == 0xB000 and flight.count <= flight.baseline:
+        empty = flight.count <= flight.baseline
+        if full is None and flight.job_dimse == 0xB000 and empty:
             full = f"the PACS reported every C-STORE to {self.cfg.destination.aet} failed (C-MOVE status 0xB000)"
+        if full is None:
+            full = self._stores_nothing(flight, empty)
         if full is not None and self.policy.destination.begin(full):
             self.journal.record("destination.full", {"why": full})
             log.warning("destination.full", why=full, destination=self.cfg.destination.aet)
@@ -97,8 +110,25 @@ class Parties:
         log.info("destination.retry", paused_s=round(now - (pause.since or now), 1))
         return True
 
+    def _stores_nothing(self, flight: Flight, empty: bool) -> str | None:
+        """The streak rule (EMPTY_STREAK): why the destination looks unable to store, or None."""
+        failed = flight.job_dimse is not None and 0xC000 <= flight.job_dimse <= 0xCFFF
+        if not (empty and failed):
+            self.empty.clear()  # something arrived, or the PACS said something else: no streak
+            return None
+        self.empty[flight.uid] = None
+        if not self.policy.destination and not (self.stored and len(self.empty) >= EMPTY_STREAK):
+            return None
+        return (
+            f"the last {len(self.empty)} series moved delivered nothing, each answered"
+            f" 0x{flight.job_dimse:04X} by the PACS, after earlier series arrived: {self.cfg.destination.aet}"
+            " may be out of disk space or unreachable from the PACS"
+        )
+
     def destination_stores(self) -> None:
         """A series arrived: the destination stores again (ends its pause)."""
+        self.stored = True
+        self.empty.clear()
         if self.policy.destination:
             paused_s = round(self.policy.destination.end(), 1)
             self.journal.record("destination.stores", {"paused_s": paused_s})

@@ -335,3 +335,47 @@ def test_a_full_journal_disk_stops_cleanly_and_resumes(same: Stack, tmp_path: Pa
         assert all(pacs.moves[s.series_uid] == 1 for s in series), pacs.moves  # the stop moved nothing twice
     finally:
         pacs.stop()
+
+
+def test_a_destination_whose_disk_fills_pauses_then_resumes_by_itself(tmp_path: Path) -> None:
+    """The destination's disk fills mid-run (no MaximumStorageSize: it cannot say so; the Orthanc PACS answers
+    0xC000): after three empty moves in a row the run pauses on the destination instead of failing the rest of
+    the batch; once space is freed the next move is the probe, the run resumes by itself, nothing failed."""
+    with small_disk(tmp_path / "dest-db", "24M") as disk:  # the destination's storage and index
+        specs = [OrthancSpec.plan(n, a) for n, a in (("pacs", "HOSPITAL"), ("centre", "CENTRE"), ("dest", "DEST"))]
+        pacs_spec, centre_spec, dest_spec = specs
+        launched = [
+            launch_orthanc(pacs_spec, tmp_path, {"DEST": dest_spec.modality}),
+            launch_orthanc(centre_spec, tmp_path, {"PACS": pacs_spec.modality}),
+            launch_orthanc(dest_spec, tmp_path, {"PACS": pacs_spec.modality}),
+        ]
+        try:
+            wait_all(launched, 30)
+            pacs, centre, dest = launched
+            series = make_series(16, 10, seed=235, rows=128, columns=128)  # ~0.33 MB a series
+            upload(pacs.rest, series)
+            batch = write_batch_csv(series, tmp_path / "series.csv")
+            journal = tmp_path / "j.sqlite"
+            cfg = write_config(tmp_path / "t.yaml", centre.url, dest_aet="DEST", source="PACS", dest_url=dest.url,
+                               unreachable_s=120, max_attempts=2)  # fmt: skip
+            run = start_cli("--batch", batch, "--config", cfg, "--journal", journal)
+            try:
+                assert wait_complete(journal, 3) >= 3
+                filler = fill(disk)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not events(journal, "destination.full"):
+                    time.sleep(0.1)
+                full = events(journal, "destination.full")
+                assert full and "delivered nothing" in full[0][1] and "0xC000" in full[0][1], full
+                assert "failed" not in states(journal)
+                filler.unlink()
+                _, err = run.communicate(timeout=180)
+            finally:
+                if run.poll() is None:
+                    os.kill(run.pid, signal.SIGKILL)
+            assert run.returncode == 0, err[-3000:]
+            assert states(journal) == {"complete": 16}
+            assert all(count_at(dest.rest, s.series_uid) == 10 for s in series)
+            assert events(journal, "destination.stores")
+        finally:
+            stop_all(launched, kill=True)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
+from pathlib import Path
 
 from dicom_transfer.config import load_config
+from dicom_transfer.flights import Flight
 from dicom_transfer.issuing import IssuePolicy
+from dicom_transfer.journal import Journal
+from dicom_transfer.parties import Parties
 from dicom_transfer.retry import FREE_REQUEUES, RetryPolicy
 
 
@@ -52,3 +57,40 @@ def test_issue_policy_names_the_party_gone_too_long_and_wakes_for_the_window() -
     closed_at = 1_000_000.0 - 1_000_000.0 % 86400 + 12 * 3600  # noon UTC: outside 20:00-07:00
     assert not policy.window_open(closed_at)
     assert closed_at + 8 * 3600 in policy.wakeups(closed_at, open_now=False)
+
+
+class NoFigures:
+    """A destination that cannot tell whether it is full (no MaximumStorageSize)."""
+
+    def storage_full(self) -> None:
+        return None
+
+
+def test_three_failed_empty_moves_in_a_row_pause_on_the_destination(tmp_path: Path) -> None:
+    """The streak rule: only 0xCxxx answers with nothing arriving, in a row, once series have arrived; a drop
+    (no status), a refusal for resources, a partial arrival or an arrival breaks it; a probe during the pause
+    that comes back empty keeps the pause."""
+    cfg = load_config(None, env={})
+    journal = Journal(tmp_path / "j.sqlite")
+    policy = IssuePolicy(cfg.transfer, cfg.window, time.monotonic)
+    parties = Parties(cfg, journal, None, NoFigures(), policy)  # type: ignore[arg-type]
+
+    def move(uid: str, dimse: int | None, count: int = 0) -> str | None:
+        flight = Flight(uid, "1.2", 10, 1, 0.0, baseline=0, job_dimse=dimse, count=count)
+        return parties.destination_refuses(flight)
+
+    assert [move(u, 0xC000) for u in "abcd"] == [None] * 4  # nothing ever arrived: the series' own problems
+    parties.destination_stores()  # a series arrived
+    assert move("a", 0xC000) is None and move("b", 0xC000) is None
+    assert move("c", None) is None  # a drop from a full queue: the throttle's, breaks the streak
+    assert move("d", 0xC000) is None and move("e", 0xA702) is None and move("f", 0xC000) is None
+    assert move("g", 0xC000, count=4) is None  # some of it arrived
+    assert move("h", 0xC001) is None and move("h", 0xC001) is None  # one series twice is not a streak
+    assert move("i", 0xC000) is None and not policy.destination
+    why = move("j", 0xC000)
+    assert why is not None and "the last 3 series moved delivered nothing" in why and "0xC000" in why
+    assert policy.destination  # paused: nothing new is issued until a probe
+    assert move("k", 0xC000) is not None  # a probe that came back empty: still paused
+    parties.destination_stores()
+    assert not policy.destination and move("l", 0xC000) is None
+    journal.close()
