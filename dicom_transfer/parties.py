@@ -119,9 +119,10 @@ class Parties:
         self.empty[flight.uid] = None
         if not self.policy.destination and not (self.stored and len(self.empty) >= EMPTY_STREAK):
             return None
+        where = "the local Orthanc" if self.cfg.relay_mode else self.cfg.destination.aet  # where moves land
         return (
             f"the last {len(self.empty)} series moved delivered nothing, each answered"
-            f" 0x{flight.job_dimse:04X} by the PACS, after earlier series arrived: {self.cfg.destination.aet}"
+            f" 0x{flight.job_dimse:04X} by the PACS, after earlier series arrived: {where}"
             " may be out of disk space or unreachable from the PACS"
         )
 
