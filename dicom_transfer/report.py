@@ -186,12 +186,16 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        if path.suffix.lower() == ".csv":
-            _write_csv(report, f)
-        else:
-            _write_json(report, f)
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if path.suffix.lower() == ".csv":
+                _write_csv(report, f)
+            else:
+                _write_json(report, f)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file left beside the report
+        raise
 
 
 def _write_csv(report: dict[str, Any], f: IO[str]) -> None:

@@ -311,7 +311,12 @@ def _run_locked(
         if result.stopped:
             report["stopped"] = result.stop_reason
         if report_path is not None:
-            write_report(report, report_path)
+            try:
+                write_report(report, report_path)
+            except OSError as exc:  # a full disk: the run's outcome stands, the journal holds it all
+                log.warning("report.unwritten", report=str(report_path), error=exc.strerror or str(exc),
+                            then="run the same command once there is room: it moves nothing and writes it")  # fmt: skip
+                report_path = None
         return Outcome(report, result, journal_path, report_path)
     finally:
         if after is not None:

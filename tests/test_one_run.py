@@ -379,3 +379,25 @@ def test_a_destination_whose_disk_fills_pauses_then_resumes_by_itself(tmp_path: 
             assert events(journal, "destination.stores")
         finally:
             stop_all(launched, kill=True)
+
+
+def test_a_report_that_finds_no_room_is_a_warning_and_the_same_command_writes_it(
+    same: Stack, slow_pacs, tmp_path: Path
+) -> None:
+    """--report on a full disk: the batch completes (exit 0), report.unwritten says what to do, no traceback;
+    with room again the same command moves nothing and writes the report."""
+    pacs, series = slow_pacs
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE")
+    with small_disk(tmp_path / "out", "1M") as disk:
+        filler = fill(disk)
+        args = ("--batch", batch, "--config", cfg, "--journal", tmp_path / "j.sqlite", "--report", disk / "r.json")
+        first = run_cli(*args)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert "report.unwritten" in first.stderr and "Traceback" not in first.stderr, first.stderr[-3000:]
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no report, no half-written one
+        filler.unlink()
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads((disk / "r.json").read_text())["summary"]["complete"] == 20
+    assert all(pacs.moves[s.series_uid] == 1 for s in series)
