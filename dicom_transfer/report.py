@@ -17,7 +17,7 @@ from typing import IO, Any, overload
 from .journal import Journal, SeriesRow
 from .runlock import holder
 from .states import State
-from .steps import CSV_KEYS, csv_fields, report_fields, steps_summary
+from .steps import CSV_KEYS, StepFields, csv_fields, steps_summary
 
 SERIES_KEYS = (
     "SeriesInstanceUID",
@@ -57,7 +57,7 @@ def summary(journal: Journal, seconds: float | None = None) -> dict[str, Any]:
     }
 
 
-def _item(row: SeriesRow, show_phi: bool, steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _item(row: SeriesRow, show_phi: bool, steps: dict[str, Any]) -> dict[str, Any]:
     item: dict[str, Any] = {
         "SeriesInstanceUID": row.uid,
         "StudyInstanceUID": row.study_uid,
@@ -71,7 +71,7 @@ def _item(row: SeriesRow, show_phi: bool, steps: dict[str, dict[str, Any]]) -> d
     }
     if show_phi:
         item["PatientID"] = row.patient_id
-    item.update(steps.get(row.uid, {}))
+    item.update(steps)
     return item
 
 
@@ -80,10 +80,10 @@ def iter_series(journal: Journal, show_phi: bool = False, *, failed_only: bool =
 
     `failed_only`: the rows a summary lists (failed, or complete with a failed step).
     """
-    steps = report_fields(journal, show_phi)  # {} when no after-arrival step is on
-    states = (State.FAILED,) if failed_only and not steps else ()
+    steps = StepFields(journal, show_phi)  # looked up row by row: never a dict of every series
+    states = (State.FAILED,) if failed_only and not steps.enabled else ()
     for row in journal.iter_rows(*states):
-        item = _item(row, show_phi, steps)
+        item = _item(row, show_phi, steps.of(row.uid, row.state.value) if steps.enabled else {})
         if failed_only and not _has_failure(item):
             continue
         yield item

@@ -22,7 +22,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,15 +283,13 @@ class StepRow:
     attempts: int = 0
 
 
-def _rows(db: sqlite3.Connection, uid: str | None = None) -> dict[tuple[str, str], StepRow]:
-    sql = "SELECT uid, step, state, fingerprint, reason, detail, attempts FROM steps"
-    args: tuple[Any, ...] = ()
-    if uid is not None:
-        sql, args = sql + " WHERE uid=?", (uid,)
-    out = {}
-    for u, step, state, fp, reason, detail, attempts in db.execute(sql, args):
-        out[(u, step)] = StepRow(state, fp, reason, json.loads(detail) if detail else {}, attempts)
-    return out
+def _rows(db: sqlite3.Connection, uid: str) -> dict[str, StepRow]:
+    """One series' steps rows by step (a primary-key range: one index lookup)."""
+    sql = "SELECT step, state, fingerprint, reason, detail, attempts FROM steps WHERE uid=?"
+    return {
+        step: StepRow(state, fp, reason, json.loads(detail) if detail else {}, attempts)
+        for step, state, fp, reason, detail, attempts in db.execute(sql, (uid,))
+    }
 
 
 class AfterArrivalSteps:
@@ -365,9 +363,16 @@ class AfterArrivalSteps:
         """Complete series (batch order) with an enabled step not done with today's settings."""
         if not self.enabled:
             return []
-        rows = _rows(self.db)
-        complete = [u for (u,) in self.db.execute("SELECT uid FROM series WHERE state='complete' ORDER BY seq")]
-        return [u for u in complete if not all(self._done(rows.get((u, s)), s) for s in self.enabled)]
+        # As `_done`, in SQL: only the answer is held, not the steps rows of every series.
+        # A NULL fingerprint never equals today's, so such a row is not done.
+        not_done = " OR ".join(
+            "NOT EXISTS (SELECT 1 FROM steps st WHERE st.uid=s.uid AND st.step=? AND st.state='done'"
+            " AND st.fingerprint=?)"
+            for _ in self.enabled
+        )
+        args = [value for step in self.enabled for value in (step, self.fingerprints[step])]
+        sql = f"SELECT s.uid FROM series s WHERE s.state='complete' AND ({not_done}) ORDER BY s.seq"
+        return [uid for (uid,) in self.db.execute(sql, args)]
 
     def run(self, series_uid: str) -> None:
         """Take one complete series through the steps not yet done; failures become data."""
@@ -376,7 +381,7 @@ class AfterArrivalSteps:
         row = self.journal.get(series_uid)
         if row.state is not State.COMPLETE:
             return
-        current = {step: r for (_, step), r in _rows(self.db, series_uid).items()}
+        current = _rows(self.db, series_uid)
         tags_cache: dict[str, dict[str, Any]] = {}
         for step in self.enabled:
             if self.stopping():
@@ -389,7 +394,7 @@ class AfterArrivalSteps:
             self._mark_running(series_uid, step, previous)
             if not self._attempt(series_uid, step, row, previous, current, tags_cache):
                 return  # told to stop midway: stays `running`, resumed next time
-            current = {s: r for (_, s), r in _rows(self.db, series_uid).items()}
+            current = _rows(self.db, series_uid)
 
     def copy_count(self, series_uid: str) -> int:
         """Instances of the series' anonymised copy at the destination (0 without anonymize).
@@ -620,25 +625,42 @@ def _report_field(step: str, row: StepRow | None, fingerprint: str, show_phi: bo
     return out
 
 
-def report_fields(journal: Journal, show_phi: bool = False) -> dict[str, dict[str, Any]]:
-    """Per series UID: `{"anonymized": {...}|None, "tags": {...}|None, "export": {...}|None}`.
+class StepFields:
+    """The report's step fields of one series at a time, read from the journal when asked.
 
-    Empty when no step is on (report rows stay as they were). A step that is off, or a
-    series that is not complete, gives None. Export folders and the copy's UIDs appear only
-    with `show_phi`.
+    A report of 10^6 series asks `of(uid, state)` once per row as it streams them: one
+    primary-key lookup in `steps`, nothing held across series. `enabled` is empty when no
+    step is on (report rows then stay as they were).
     """
-    enabled = _enabled(journal.db)
-    if not enabled:
-        return {}
-    rows = _rows(journal.db)
-    out: dict[str, dict[str, Any]] = {}
-    for uid, state in journal.db.execute("SELECT uid, state FROM series ORDER BY seq"):
+
+    def __init__(self, journal: Journal, show_phi: bool = False) -> None:
+        self.db = journal.db
+        self.show_phi = show_phi
+        self.enabled = _enabled(self.db)  # step -> the fingerprint of the settings last run with
+
+    def of(self, uid: str, state: str) -> dict[str, Any]:
+        """`{"anonymized": {...}|None, "tags": ..., "export": ..., "nifti": ...}` of a series in journal `state`.
+
+        A step that is off, or a series that is not complete, gives None. Export folders and
+        the copy's UIDs appear only with `show_phi`.
+        """
         fields: dict[str, Any] = dict.fromkeys(REPORT_KEYS.values())
-        if state == State.COMPLETE.value:
-            for step, fingerprint in enabled.items():
-                fields[REPORT_KEYS[step]] = _report_field(step, rows.get((uid, step)), fingerprint, show_phi)
-        out[uid] = fields
-    return out
+        if state == State.COMPLETE.value and self.enabled:
+            rows = _rows(self.db, uid)
+            for step, fingerprint in self.enabled.items():
+                fields[REPORT_KEYS[step]] = _report_field(step, rows.get(step), fingerprint, self.show_phi)
+        return fields
+
+
+def report_fields(journal: Journal, show_phi: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(series UID, its step fields as `StepFields.of` gives them) in batch order, one at a time.
+
+    Nothing when no step is on.
+    """
+    fields = StepFields(journal, show_phi)
+    if fields.enabled:
+        for uid, state in journal.db.execute("SELECT uid, state FROM series ORDER BY seq"):
+            yield uid, fields.of(uid, state)
 
 
 CSV_KEYS = tuple(f"{key}_{part}" for key in REPORT_KEYS.values() for part in ("state", "reason"))
@@ -654,20 +676,25 @@ def csv_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Per step over complete series: all, done with today's settings, failed (with any settings:
+# `_report_field` shows a failure as failed whatever it ran with). The rest are pending:
+# no row, running, done with other settings (or a NULL fingerprint). One indexed pass, no rows held.
+_SUMMARY_SQL = """
+SELECT COUNT(*),
+       COUNT(CASE WHEN st.state='done' AND st.fingerprint=:fingerprint THEN 1 END),
+       COUNT(CASE WHEN st.state='failed' THEN 1 END)
+FROM series s LEFT JOIN steps st ON st.uid=s.uid AND st.step=:step
+WHERE s.state='complete'
+"""
+
+
 def steps_summary(journal: Journal) -> dict[str, dict[str, int]]:
     """Per enabled step, over complete series: `{"export": {"done": n, "failed": n, "pending": n}}`."""
-    enabled = _enabled(journal.db)
-    if not enabled:
-        return {}
-    rows = _rows(journal.db)
-    complete = [u for (u,) in journal.db.execute("SELECT uid FROM series WHERE state='complete'")]
     out = {}
-    for step, fingerprint in enabled.items():
-        counts = {"done": 0, "failed": 0, "pending": 0}
-        for uid in complete:
-            state = _report_field(step, rows.get((uid, step)), fingerprint, False)["state"]
-            counts[state if state in counts else "pending"] += 1
-        out[REPORT_KEYS[step]] = counts
+    for step, fingerprint in _enabled(journal.db).items():
+        args = {"step": step, "fingerprint": fingerprint}
+        total, done, failed = journal.db.execute(_SUMMARY_SQL, args).fetchone()
+        out[REPORT_KEYS[step]] = {"done": done, "failed": failed, "pending": total - done - failed}
     return out
 
 

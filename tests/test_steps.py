@@ -123,7 +123,7 @@ def test_export_tree_pixels_and_tags_20x50(same: Stack, tmp_path: Path) -> None:
         assert drain(steps) == 20
         seconds = time.monotonic() - started
         summary = steps_summary(steps.journal)
-        fields = report_fields(steps.journal)
+        fields = dict(report_fields(steps.journal))
     out = tmp_path / "out"
     levels = [sorted({p.relative_to(out).parts[: d + 1] for p in files_under(out)}) for d in range(4)]
     counts = [len(level) for level in levels]
@@ -180,7 +180,7 @@ def test_anonymize_profile_lookup_one_study_and_delete(same: Stack, tmp_path: Pa
     with structlog.testing.capture_logs() as logs, opened(cfg, tmp_path / "series.journal.sqlite") as steps:
         assert drain(steps) == 4
         assert [steps.copy_count(s.series_uid) for s in series] == [5, 5, 5, 5]
-        fields = report_fields(steps.journal)
+        fields = dict(report_fields(steps.journal))
     table = list(csv.DictReader(lookup.read_text().splitlines()))
     pseudo = {(r["Keyword"], r["Original"]): r["Pseudonym"] for r in table}
     assert [r["Keyword"] for r in table].count("PatientID") == 1  # the user's row, not a new one
@@ -338,7 +338,7 @@ def test_export_clashes_fail_the_step_not_the_series(same: Stack, tmp_path: Path
                    "tags: {file: tags.csv, keywords: [SOPInstanceUID]}\n")  # fmt: skip
     with opened(cfg, journal) as steps:
         drain(steps)
-        fields = report_fields(steps.journal)
+        fields = dict(report_fields(steps.journal))
         assert steps_failed(steps.journal) == 2
     reasons = {f["export"]["reason"] for f in fields.values()}
     assert reasons == {
@@ -357,7 +357,7 @@ def test_export_clashes_fail_the_step_not_the_series(same: Stack, tmp_path: Path
                    "tags: {file: tags.csv, keywords: [SOPInstanceUID]}\n")  # fmt: skip
     with opened(cfg, journal) as steps:
         assert drain(steps) == 2  # the changed template makes both due again
-        fields = report_fields(steps.journal)
+        fields = dict(report_fields(steps.journal))
     first, second = (fields[s.series_uid]["export"] for s in series)
     assert first["state"] == "done" and first["files"] == 3
     assert second["state"] == "failed" and second["reason"] == (
