@@ -17,7 +17,7 @@ from typing import IO, Any, overload
 from .journal import Journal, SeriesRow
 from .runlock import holder
 from .states import State
-from .steps import CSV_KEYS, StepFields, csv_fields, steps_summary
+from .steps import CSV_KEYS, REPORT_KEYS, StepFields, csv_fields, steps_summary
 
 SERIES_KEYS = (
     "SeriesInstanceUID",
@@ -91,7 +91,7 @@ def iter_series(journal: Journal, show_phi: bool = False, *, failed_only: bool =
 
 def _has_failure(item: dict[str, Any]) -> bool:
     return item["state"] == "failed" or any(
-        (item.get(step) or {}).get("state") == "failed" for step in ("anonymized", "tags", "export")
+        (item.get(step) or {}).get("state") == "failed" for step in REPORT_KEYS.values()
     )
 
 

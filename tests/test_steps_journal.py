@@ -38,7 +38,7 @@ DETAIL_KEYS = {
     "nifti": ("files", "volumes", "bytes", "names"),
 }
 PHI_KEYS = {"anonymize": ("SeriesInstanceUID", "StudyInstanceUID"), "export": ("dir",)}
-FAILURE_KEYS = ("anonymized", "tags", "export")  # the steps whose failure lists a row in the summary
+FAILURE_KEYS = tuple(REPORT_KEYS.values())  # every step's failure lists its row in the summary (nifti too)
 NOT_COMPLETE = ("failed", "pending", "moving", "waiting_retry", "held_local")
 # (state, fingerprint) of one steps row; None: no row. "now" stands for today's fingerprint.
 CASES: tuple[tuple[str, str | None] | None, ...] = (
