@@ -571,6 +571,14 @@ class Journal:
     # -- plumbing ---------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """One transaction for a caller's own writes on `db` (the after-arrival steps' table):
+        rolled back on any error, a full disk raised as JournalFull like every journal write."""
+        with self._tx():
+            yield
+        self.writes += 1
+
+    @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
         """BEGIN IMMEDIATE, the deferred transitions, the caller's writes, COMMIT; ROLLBACK on any error.
 

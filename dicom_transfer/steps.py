@@ -511,6 +511,9 @@ class AfterArrivalSteps:
     # -- journal writes -----------------------------------------------------------------------------
 
     def _mark_running(self, uid: str, step: str, previous: StepRow | None) -> None:
+        self._transaction(lambda: self._running(uid, step, previous))
+
+    def _running(self, uid: str, step: str, previous: StepRow | None) -> None:
         self.db.execute(
             "INSERT INTO steps (uid, step, state, fingerprint, reason, detail, attempts, updated_at)"
             " VALUES (?, ?, 'running', ?, NULL, ?, 1, ?)"
@@ -520,10 +523,8 @@ class AfterArrivalSteps:
         )
 
     def _save_detail(self, uid: str, step: str, detail: dict[str, Any]) -> None:
-        self.db.execute(
-            "UPDATE steps SET detail=?, updated_at=? WHERE uid=? AND step=?",
-            (json.dumps(detail), self.clock(), uid, step),
-        )
+        sql = "UPDATE steps SET detail=?, updated_at=? WHERE uid=? AND step=?"
+        self._transaction(lambda: self.db.execute(sql, (json.dumps(detail), self.clock(), uid, step)))
 
     def _write_state(self, uid: str, step: str, state: str, reason: str | None, detail: dict[str, Any] | None) -> None:
         """The SQL of one state change (inside the caller's transaction): row plus event."""
@@ -543,14 +544,9 @@ class AfterArrivalSteps:
             "INSERT INTO events (at, uid, event, detail) VALUES (?, ?, ?, ?)", (now, uid, f"{step}_{state}", summary)
         )
 
-    def _transaction(self, write: Callable[[], None]) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+    def _transaction(self, write: Callable[[], Any]) -> None:
+        with self.journal.writing():  # a full disk: JournalFull (exit 3), as for the run's own writes
             write()
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def _finish(self, uid: str, step: str, detail: dict[str, Any]) -> None:
         self._transaction(lambda: self._write_state(uid, step, "done", None, detail))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,8 +17,8 @@ import structlog
 
 from .batch import BatchCheck, BatchRow, check_batch, iter_batch
 from .config import Config
-from .errors import ConfigError, DicomTransferError, OrthancError, Unreachable, Untrusted
-from .journal import PLAN_CHUNK, Journal, file_digest, free_bytes, peek_meta
+from .errors import ConfigError, DicomTransferError, JournalFull, OrthancError, Unreachable, Untrusted
+from .journal import PLAN_CHUNK, Journal, disk_full, file_digest, free_bytes, peek_meta
 from .orthanc import Destination, ForwardTarget, LocalOrthanc, LocalStore, OrthancRest, check_c_get
 from .relay import Relay
 from .report import build_report, write_report
@@ -318,6 +319,10 @@ def _run_locked(
                             then="run the same command once there is room: it moves nothing and writes it")  # fmt: skip
                 report_path = None
         return Outcome(report, result, journal_path, report_path)
+    except sqlite3.OperationalError as exc:  # a write outside the journal's own (an export's index)
+        if disk_full(exc):
+            raise JournalFull(journal_path, free_bytes(journal_path.parent)) from exc
+        raise
     finally:
         if after is not None:
             after.close()
