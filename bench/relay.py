@@ -125,7 +125,7 @@ def run(wan: WanStack, pacs: MisbehavingPacs, work: Path, mode: str, series: lis
     }  # fmt: skip
 
 
-def pooled(runs: list[dict[str, Any]]) -> dict[str, float]:
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A mode's rounds as one: throughput over all of them, slot and send times pooled per series."""
     slot = [x for r in runs for x in r["slot"]]
     send = [x for r in runs for x in r["send"]]
@@ -135,16 +135,22 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, float]:
         "slot_med": statistics.median(slot), "slot_max": max(slot),
         "send_med": statistics.median(send), "send_max": max(send),
         "dropped": sum(r["dropped"] for r in runs), "moves": sum(r["moves"] for r in runs),
+        "round_slots": [statistics.median(r["slot"]) for r in runs],
         **{f"cpu_{k}": sum(r["cpu"][k] for r in runs) / len(runs) for k in runs[0]["cpu"]},
     }  # fmt: skip
 
 
-def line(rtt: float, mode: str, r: dict[str, float]) -> str:
+def line(rtt: float, mode: str, r: dict[str, Any]) -> str:
+    """A mode's figures; with more than one round, each round's own slot median too (the spread a
+    shared machine puts on them)."""
+    rounds = " ".join(f"{x:.2f}" for x in r["round_slots"])
     return (
         f"{rtt:>4.0f} ms  {mode:<8} {r['rounds']:.0f} x {r['seconds'] / r['rounds']:5.1f} s {r['inst_s']:5.0f} inst/s"
         f"   slot med {r['slot_med']:6.2f} s"
         f" max {r['slot_max']:6.2f} s   send med {r['send_med']:6.2f} s   moves {r['moves']:.0f}"
-        f" (dropped {r['dropped']:.0f})\n{'':10}CPU s a round: "
+        f" (dropped {r['dropped']:.0f})\n{'':10}"
+        + (f"slot med per round {rounds} s; " if len(r["round_slots"]) > 1 else "")
+        + "CPU s a round: "
         + ", ".join(f"{k[4:]} {v:.1f}" for k, v in r.items() if k.startswith("cpu_"))
     )
 
