@@ -14,6 +14,7 @@ series (echoes, differing orientations): those keep dcm2niix's suffix (`_e2`, `_
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -40,6 +41,7 @@ INSTALL_HINT = (
 _WORK_PREFIX = ".nifti-work-"
 _STEM = "series"  # what dcm2niix names its outputs in the work folder (renamed afterwards)
 _OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".json", ".bval", ".bvec")
+NEARLY_FULL = 1 << 20  # a converter that failed with less than this free: the disk was full
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ def find_tool(tool: str) -> str | None:
 
 def _outputs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_OUTPUT_SUFFIXES))
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less than NEARLY_FULL bytes free on the disk holding `folder`."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL
 
 
 def _fsync_file(path: Path) -> None:
@@ -145,6 +156,8 @@ class SeriesNifti:
             raise StepFailed(f"{s.tool} cannot run: {exc.strerror or type(exc).__name__}") from None
         written = [p for p in _outputs(out) if p.name.endswith((".nii", ".nii.gz"))]
         if done.returncode != 0 or not written:
+            if _nearly_full(out):  # the converter's own words on a full disk vary: the disk says it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
             said = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "no output")
             raise StepFailed(f"{s.tool} wrote no NIfTI (exit {done.returncode}): {said[:200]}")

@@ -80,9 +80,15 @@ class AfterArrival(Protocol):
     database); `pending` lists complete series whose steps are not done yet.
     """
 
-    def run(self, series_uid: str) -> None: ...
+    def run(self, series_uid: str) -> bool:
+        """False when the series' steps must wait (their disk is full): it is offered again later."""
+        ...
 
     def pending(self) -> list[str]: ...
+
+    def waiting(self, now: float, limit_s: float) -> str | None:
+        """A stop reason once the steps have waited longer than `limit_s` (for room); else None."""
+        ...
 
     def copy_count(self, series_uid: str) -> int:
         """Instances of the series' anonymised copy at the destination (0 when none)."""
@@ -233,7 +239,16 @@ class Scheduler:
             self.journal.checkpoint()  # now that the next move is out
             if not self.flights and self._nothing_left():
                 self._drain_after()
-                break
+                if not self.after_queue or self.after is None:
+                    break
+                if self.stop:
+                    continue  # stopped while steps were left: a stop, not an end
+                waited = self.after.waiting(now, self.t.unreachable_s)
+                if waited:
+                    result = RunResult(True, waited)
+                    break
+                self._idle(open_now)  # the steps wait for room: only they are left
+                continue
             if not progressed and not self._after_one():
                 self._idle(open_now)
         return result
@@ -256,8 +271,11 @@ class Scheduler:
         """Run the after-arrival steps of one series, in the gaps while moves run."""
         if not self.after_queue or self.after is None:
             return False
-        self.after.run(self.after_queue.popleft())
-        return True
+        uid = self.after_queue.popleft()
+        if self.after.run(uid):
+            return True
+        self.after_queue.append(uid)  # its steps wait (no room for their files): offered again later
+        return False
 
     def _drain_after(self) -> None:
         while not self.stop and self._after_one():

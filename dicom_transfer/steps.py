@@ -9,6 +9,12 @@ table, one transaction per state change, plus an `events` row for done/failed), 
 step is resumable and idempotent. A step that cannot finish is recorded `failed` with its
 reason; the series stays `complete`. Only `Unreachable` (a party gone) leaves `run`.
 
+A step whose disk is full (ENOSPC, EDQUOT) is not the series' fault: the step goes back to
+`pending` with no attempt spent, `steps.no_room` is logged once, and no step runs until a
+probe (the next series' steps, on a 1 → 30 s back-off) finds room; moves go on meanwhile.
+`run` then answers False and the scheduler keeps the series for later; with nothing else
+left it waits for room up to `transfer.unreachable_s` and stops with exit 3 (resumable).
+
 A step is done for the settings it ran with: its fingerprint is stored, and changed
 settings (another export template, tags columns, anonymize turned on) make it due again.
 `anonymize.keep`/`replace` are the exception: a copy once made is not made again.
@@ -40,10 +46,19 @@ from .anonymize import (
 )
 from .config import Config
 from .errors import ConfigError, OrthancError, Unreachable
-from .export import DEFAULT_TEMPLATE, ExportSettings, SeriesExport, StepFailed, TemplateError, parse_template
+from .export import (
+    DEFAULT_TEMPLATE,
+    NO_ROOM,
+    ExportSettings,
+    SeriesExport,
+    StepFailed,
+    TemplateError,
+    parse_template,
+)
 from .journal import Journal
 from .nifti import DEFAULT_NAME, INSTALL_HINT, TOOLS, NiftiSettings, SeriesNifti, find_tool, patient_keywords
 from .orthanc import Destination
+from .pause import Pause
 from .scheduler import short_uid
 from .states import State
 from .tags import LEVELS, TagsFile, TagsSettings, encode_rows, parse_columns, rows_for
@@ -316,6 +331,7 @@ class AfterArrivalSteps:
         self.show_phi = show_phi
         self.clock = clock
         self._stop = stop
+        self.no_room = Pause("output", clock)  # a step's disk found full: steps wait for a probe
         ensure_schema(self.db)
         self.fingerprints = self.settings.fingerprints()
         self.db.execute(
@@ -374,27 +390,46 @@ class AfterArrivalSteps:
         sql = f"SELECT s.uid FROM series s WHERE s.state='complete' AND ({not_done}) ORDER BY s.seq"
         return [uid for (uid,) in self.db.execute(sql, args)]
 
-    def run(self, series_uid: str) -> None:
-        """Take one complete series through the steps not yet done; failures become data."""
+    def run(self, series_uid: str) -> bool:
+        """Take one complete series through the steps not yet done; failures become data.
+
+        False when the series' steps must wait: a step's disk has no room (until a probe
+        finds some), or the run is stopping midway. The scheduler keeps it for later.
+        """
         if not self.enabled:
-            return
+            return True
+        if self.no_room and not self.no_room.due(self.clock()):
+            return False
         row = self.journal.get(series_uid)
         if row.state is not State.COMPLETE:
-            return
+            return True
         current = _rows(self.db, series_uid)
         tags_cache: dict[str, dict[str, Any]] = {}
         for step in self.enabled:
             if self.stopping():
-                return
+                return False
             previous = current.get(step)
             if self._done(previous, step):
                 continue
             if step != ANONYMIZE and ANONYMIZE in self.enabled and not self._done(current.get(ANONYMIZE), ANONYMIZE):
                 continue  # tags and export read the anonymised copy: not there yet
             self._mark_running(series_uid, step, previous)
-            if not self._attempt(series_uid, step, row, previous, current, tags_cache):
-                return  # told to stop midway: stays `running`, resumed next time
+            outcome = self._attempt(series_uid, step, row, previous, current, tags_cache)
+            if outcome == "no_room":
+                return False
+            if outcome == "stopped":
+                return False  # told to stop midway: stays `running`, resumed next time
+            if self.no_room:  # the probe wrote what it had to: there is room again
+                lasted = self.no_room.end()
+                log.info("steps.room", step=step, waited_s=round(lasted, 1))
             current = _rows(self.db, series_uid)
+        return True
+
+    def waiting(self, now: float, limit_s: float) -> str | None:
+        """Why the steps still wait for room after `limit_s`, as a stop reason; None otherwise."""
+        if not self.no_room.too_long(now, limit_s):
+            return None
+        return f"{self.no_room.why} for {now - (self.no_room.since or now):.0f} s; the steps not done wait for it"
 
     def copy_count(self, series_uid: str) -> int:
         """Instances of the series' anonymised copy at the destination (0 without anonymize).
@@ -421,8 +456,8 @@ class AfterArrivalSteps:
         previous: StepRow | None,
         current: dict[str, StepRow],
         cache: dict[str, dict[str, Any]],
-    ) -> bool:
-        """Run one step; False when it stopped midway. Failures are recorded, not raised."""
+    ) -> str:
+        """Run one step: "done" (or failed: recorded, not raised), "stopped" midway, or "no_room"."""
         started = time.monotonic()
         detail: dict[str, Any] | None
         try:
@@ -438,18 +473,45 @@ class AfterArrivalSteps:
             raise  # a party is gone: the run stops (exit 3) and this step resumes next time
         except StepFailed as exc:
             self._failed(uid, step, str(exc))
-            return True
+            return "done"
         except OrthancError as exc:
             extra = f" ({exc.details})" if exc.details else ""
             self._failed(uid, step, f"Orthanc: HTTP {exc.status}: {exc.message}{extra}")
-            return True
+            return "done"
         except OSError as exc:  # never the file name: it may be built from patient data
+            if exc.errno in NO_ROOM:
+                self._wait_for_room(uid, step, previous)
+                return "no_room"
             self._failed(uid, step, f"file system: {exc.strerror or type(exc).__name__}")
-            return True
+            return "done"
         if detail is None:
-            return False
+            return "stopped"
         self._log_done(uid, step, detail, time.monotonic() - started)
-        return True
+        return "done"
+
+    def _wait_for_room(self, uid: str, step: str, previous: StepRow | None) -> None:
+        """The step's disk is full: back to where it was, its attempt given back; steps wait for a probe."""
+        key, folder = self._output(step)
+        state = previous.state if previous is not None and previous.state != "running" else "pending"
+        sql = "UPDATE steps SET state=?, attempts=MAX(attempts-1, 0), updated_at=? WHERE uid=? AND step=?"
+        self._transaction(lambda: self.db.execute(sql, (state, self.clock(), uid, step)))
+        free = _free_bytes(folder)
+        free_text = f"{free / 2**20:.0f} MB free" if free is not None else "free space unknown"
+        if self.no_room.begin(f"{key}: no room on its disk ({free_text})"):
+            log.warning("steps.no_room", step=step, key=key, free_mb=None if free is None else round(free / 2**20, 1))
+        else:
+            self.no_room.probe_failed(self.clock())
+
+    def _output(self, step: str) -> tuple[str, Path]:
+        """The config key naming where `step` writes, and a folder on that disk."""
+        s = self.settings
+        if step == EXPORT and s.export is not None:
+            return "export.dir", s.export.root
+        if step == NIFTI and s.nifti is not None:
+            return "nifti.dir", s.nifti.root
+        if step == TAGS and s.tags is not None:
+            return "tags.file", s.tags.file.parent
+        return "journal", self.journal.path.parent
 
     def _anonymize(self, uid: str, row: Any, previous: StepRow | None) -> dict[str, Any]:
         assert self.anonymizer is not None
@@ -579,6 +641,17 @@ def _summary(step: str, detail: Mapping[str, Any]) -> str:
     if step == TAGS:
         return f"rows={detail.get('rows')}"
     return f"instances={detail.get('instances')} original_deleted={detail.get('original_deleted')}"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes free for us on the disk holding `folder` (its nearest existing parent); None if unknown."""
+    for place in (folder, *folder.parents):
+        try:
+            st = os.statvfs(place)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
 
 
 # -- reading, for the report and `status` ---------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .export import StepFailed, instance_order, keyword_problem, tag_key
+from .export import NO_ROOM, StepFailed, instance_order, keyword_problem, tag_key
 
 LEVELS = ("instance", "series")
 _ITEM_KEYS = ("keyword", "alias", "default")
@@ -138,6 +138,7 @@ class TagsFile:
     `open` settles the file before the first append: cut an uncommitted tail, start again
     when the settings changed or the file was lost (then `reset` is True: every series'
     rows must be written again), or refuse (`blocked`) a file this journal did not write.
+    A disk with no room for that leaves it to the first append (which then waits for room).
     """
 
     def __init__(self, db: sqlite3.Connection, settings: TagsSettings, fingerprint: str) -> None:
@@ -148,11 +149,21 @@ class TagsFile:
         self.blocked: str | None = None
         self.reset = False
         self._fd: int | None = None
+        self._reopen = False  # open found no room: the first append opens it
         self._end = 0
 
     # -- opening -----------------------------------------------------------------------
 
     def open(self) -> None:
+        try:
+            self._open()
+        except OSError as exc:
+            if exc.errno not in NO_ROOM:
+                raise
+            self.close()
+            self._reopen = True
+
+    def _open(self) -> None:
         meta = dict(self.db.execute("SELECT key, value FROM steps_meta WHERE key LIKE 'tags.%'").fetchall())
         ours = meta.get(_PATH) == str(self.path)
         existing = _file_size(self.path)
@@ -225,6 +236,13 @@ class TagsFile:
         Between the two transactions the journal says "an append started at offset N":
         whatever lies beyond N after a crash was never committed and is cut off on open.
         """
+        if self._reopen:
+            try:
+                self._open()
+            except OSError:
+                self.close()
+                raise  # still no room: the step waits
+            self._reopen = False
         if self.blocked is not None or self._fd is None:
             raise StepFailed(self.blocked or "tags.file is not open")
         data = encode_rows(rows)

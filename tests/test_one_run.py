@@ -401,3 +401,96 @@ def test_a_report_that_finds_no_room_is_a_warning_and_the_same_command_writes_it
         assert again.returncode == 0, again.stderr[-3000:]
         assert json.loads((disk / "r.json").read_text())["summary"]["complete"] == 20
     assert all(pacs.moves[s.series_uid] == 1 for s in series)
+
+
+STEP_ON_DISK = {  # a step whose output lies on `disk`: its config section and the key the stop names
+    "export": ("export: {{dir: {disk}/out}}\n", "export.dir"),
+    "tags": ("tags: {{file: {disk}/tags.csv, keywords: [SOPInstanceUID]}}\n", "tags.file"),
+    "nifti": ("nifti: {{dir: {disk}/nifti}}\n", "nifti.dir"),
+}
+
+
+def log_events(path: Path) -> list[str]:
+    """The events of a --log-file (JSON lines); empty before the run writes one."""
+    try:
+        return [json.loads(line)["event"] for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def steps_of(journal: Path, step: str) -> dict[str, int]:
+    out = run_cli("status", "--journal", journal, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["steps"][step]
+
+
+@pytest.mark.parametrize("step", list(STEP_ON_DISK))
+def test_a_step_whose_disk_is_full_waits_while_the_moves_go_on(
+    same: Stack, slow_pacs, tmp_path: Path, step: str
+) -> None:
+    """The step's disk is full from the start: every series is still moved and proven (the night's moves are
+    not lost), no step fails or spends an attempt, steps.no_room is said once, and the run stops with exit 3
+    naming the config key after transfer.unreachable_s; with room again the same command does the steps
+    and moves nothing."""
+    pacs, series = slow_pacs
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE", unreachable_s=2)
+    journal = tmp_path / "j.sqlite"
+    section, key = STEP_ON_DISK[step]
+    with small_disk(tmp_path / "disk", "1M") as disk:
+        (disk / "out").mkdir()
+        (disk / "nifti").mkdir()
+        cfg.write_text(cfg.read_text() + section.format(disk=disk))
+        filler = fill(disk)
+        args = ("--batch", batch, "--config", cfg, "--journal", journal)
+        first = run_cli(*args, "--log-file", tmp_path / "first.jsonl")
+        assert first.returncode == 3, first.stderr[-3000:]
+        assert f"stopped: {key}: no room on its disk" in first.stderr.replace("\n", ""), first.stderr[-3000:]
+        assert "Traceback" not in first.stderr
+        assert states(journal) == {"complete": 20}  # the moves went on
+        said = log_events(tmp_path / "first.jsonl")
+        assert said.count("steps.no_room") == 1 and "step.failed" not in said, said
+        assert steps_of(journal, step) == {"done": 0, "failed": 0, "pending": 20}
+        with closing(sqlite3.connect(journal)) as db:
+            assert db.execute("SELECT MAX(attempts) FROM steps").fetchone()[0] == 0  # no attempt spent
+        filler.unlink()
+        again = run_cli(*args, "--log-file", tmp_path / "again.jsonl")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert steps_of(journal, step) == {"done": 20, "failed": 0, "pending": 0}
+        if step == "export":
+            files = [p for p in (disk / "out").rglob("*") if p.is_file()]
+            assert len(files) == 80 and all(p.stat().st_size > 0 and not p.name.endswith(".part") for p in files)
+        elif step == "tags":
+            assert len((disk / "tags.csv").read_text().splitlines()) == 1 + 80  # header + a row per instance
+        else:
+            assert len(list((disk / "nifti").glob("*.nii*"))) == 20
+    assert all(pacs.moves[s.series_uid] == 1 for s in series), pacs.moves
+
+
+def test_a_step_disk_freed_during_the_run_resumes_by_itself(same: Stack, slow_pacs, tmp_path: Path) -> None:
+    """Space freed while the steps wait: a probe finds it (steps.room) and the same run finishes them, exit 0."""
+    pacs, series = slow_pacs
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE", unreachable_s=120)
+    journal, log = tmp_path / "j.sqlite", tmp_path / "run.jsonl"
+    with small_disk(tmp_path / "disk", "1M") as disk:
+        (disk / "out").mkdir()
+        cfg.write_text(cfg.read_text() + f"export: {{dir: {disk}/out}}\n")
+        filler = fill(disk)
+        run = start_cli("--batch", batch, "--config", cfg, "--journal", journal, "--log-file", log)
+        try:
+            deadline = time.monotonic() + 60
+            while "steps.no_room" not in log_events(log) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "steps.no_room" in log_events(log)
+            filler.unlink()
+            _, err = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                os.kill(run.pid, signal.SIGKILL)
+        assert run.returncode == 0, err[-3000:]
+        said = log_events(log)
+        assert said.count("steps.no_room") == 1 and "steps.room" in said and "step.failed" not in said, said
+        assert steps_of(journal, "export") == {"done": 20, "failed": 0, "pending": 0}
+        assert len([p for p in (disk / "out").rglob("*") if p.is_file()]) == 80
+    assert all(pacs.moves[s.series_uid] == 1 for s in series), pacs.moves
