@@ -480,7 +480,7 @@ class AfterArrivalSteps:
             return "done"
         except OSError as exc:  # never the file name: it may be built from patient data
             if exc.errno in NO_ROOM:
-                self._wait_for_room(uid, step, previous)
+                self._wait_for_room(uid, step)
                 return "no_room"
             self._failed(uid, step, f"file system: {exc.strerror or type(exc).__name__}")
             return "done"
@@ -489,12 +489,15 @@ class AfterArrivalSteps:
         self._log_done(uid, step, detail, time.monotonic() - started)
         return "done"
 
-    def _wait_for_room(self, uid: str, step: str, previous: StepRow | None) -> None:
-        """The step's disk is full: back to where it was, its attempt given back; steps wait for a probe."""
+    def _wait_for_room(self, uid: str, step: str) -> None:
+        """The step's disk is full: pending, its attempt given back; steps wait for a probe.
+
+        Always pending, never the state it had: `running` already carries today's fingerprint,
+        so an earlier `done` (with other settings) put back would pass for done with these.
+        """
         key, folder = self._output(step)
-        state = previous.state if previous is not None and previous.state != "running" else "pending"
-        sql = "UPDATE steps SET state=?, attempts=MAX(attempts-1, 0), updated_at=? WHERE uid=? AND step=?"
-        self._transaction(lambda: self.db.execute(sql, (state, self.clock(), uid, step)))
+        sql = "UPDATE steps SET state='pending', attempts=MAX(attempts-1, 0), updated_at=? WHERE uid=? AND step=?"
+        self._transaction(lambda: self.db.execute(sql, (self.clock(), uid, step)))
         free = _free_bytes(folder)
         free_text = f"{free / 2**20:.0f} MB free" if free is not None else "free space unknown"
         if self.no_room.begin(f"{key}: no room on its disk ({free_text})"):

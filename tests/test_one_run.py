@@ -494,3 +494,26 @@ def test_a_step_disk_freed_during_the_run_resumes_by_itself(same: Stack, slow_pa
         assert steps_of(journal, "export") == {"done": 20, "failed": 0, "pending": 0}
         assert len([p for p in (disk / "out").rglob("*") if p.is_file()]) == 80
     assert all(pacs.moves[s.series_uid] == 1 for s in series), pacs.moves
+
+
+def test_a_changed_export_that_finds_no_room_is_not_counted_done(same: Stack, slow_pacs, tmp_path: Path) -> None:
+    """Exported once, then export.path changed (every series due again) on a disk now full: the steps stay
+    pending (exit 3), not done with the new settings on the strength of the old export."""
+    pacs, series = slow_pacs
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = write_config(tmp_path / "t.yaml", same.centre.url, dest_aet="CENTRE", unreachable_s=2)
+    base = cfg.read_text()
+    journal = tmp_path / "j.sqlite"
+    args = ("--batch", batch, "--config", cfg, "--journal", journal)
+    with small_disk(tmp_path / "disk", "1M") as disk:
+        cfg.write_text(base + f"export: {{dir: {disk}/out}}\n")
+        first = run_cli(*args)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert steps_of(journal, "export") == {"done": 20, "failed": 0, "pending": 0}
+        cfg.write_text(base + f"export: {{dir: {disk}/out, path: 'again/{{SOPInstanceUID}}.dcm'}}\n")
+        fill(disk)
+        second = run_cli(*args)
+        assert second.returncode == 3, second.stderr[-3000:]
+        assert "stopped: export.dir: no room on its disk" in second.stderr.replace("\n", "")
+        assert steps_of(journal, "export") == {"done": 0, "failed": 0, "pending": 20}
+    assert all(pacs.moves[s.series_uid] == 1 for s in series), pacs.moves
