@@ -14,7 +14,6 @@ neither downloads a finished file again nor leaves a half one behind.
 from __future__ import annotations
 
 import difflib
-import errno
 import hashlib
 import os
 import re
@@ -241,9 +240,6 @@ class ExportSettings:
 
 
 # -- files -----------------------------------------------------------------------------------
-
-
-NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk or quota: the steps wait for room
 
 
 def part_path(path: Path) -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .disk import free_bytes
 from .errors import JournalError, JournalFull, StateConflict
 from .states import Event, State, next_state
 
@@ -185,13 +185,6 @@ def peek_meta(path: Path, keys: Iterable[str]) -> dict[str, str]:
 def disk_full(exc: sqlite3.Error) -> bool:
     """SQLite could not write: the disk (or the file system's quota) is full."""
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
-
-
-def free_bytes(folder: Path) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
 
 
 def file_digest(path: Path) -> str:

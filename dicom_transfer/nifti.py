@@ -28,6 +28,7 @@ from typing import Any
 
 from pydicom.datadict import keyword_dict
 
+from .disk import free_bytes
 from .export import StepFailed, Template, fsync_dirs, instance_order
 from .fields import is_patient_data
 from .orthanc import Destination
@@ -74,11 +75,8 @@ def _outputs(folder: Path) -> list[Path]:
 
 def _nearly_full(folder: Path) -> bool:
     """Less than NEARLY_FULL bytes free on the disk holding `folder`."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < NEARLY_FULL
+    free = free_bytes(folder)
+    return free is not None and free < NEARLY_FULL
 
 
 def _fsync_file(path: Path) -> None:

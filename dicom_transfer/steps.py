@@ -45,16 +45,9 @@ from .anonymize import (
     parse_replace,
 )
 from .config import Config
+from .disk import NO_ROOM, free_bytes
 from .errors import ConfigError, OrthancError, Unreachable
-from .export import (
-    DEFAULT_TEMPLATE,
-    NO_ROOM,
-    ExportSettings,
-    SeriesExport,
-    StepFailed,
-    TemplateError,
-    parse_template,
-)
+from .export import DEFAULT_TEMPLATE, ExportSettings, SeriesExport, StepFailed, TemplateError, parse_template
 from .journal import Journal
 from .nifti import DEFAULT_NAME, INSTALL_HINT, TOOLS, NiftiSettings, SeriesNifti, find_tool, patient_keywords
 from .orthanc import Destination
@@ -498,7 +491,7 @@ class AfterArrivalSteps:
         key, folder = self._output(step)
         sql = "UPDATE steps SET state='pending', attempts=MAX(attempts-1, 0), updated_at=? WHERE uid=? AND step=?"
         self._transaction(lambda: self.db.execute(sql, (self.clock(), uid, step)))
-        free = _free_bytes(folder)
+        free = free_bytes(folder)
         free_text = f"{free / 2**20:.0f} MB free" if free is not None else "free space unknown"
         if self.no_room.begin(f"{key}: no room on its disk ({free_text})"):
             log.warning("steps.no_room", step=step, key=key, free_mb=None if free is None else round(free / 2**20, 1))
@@ -644,17 +637,6 @@ def _summary(step: str, detail: Mapping[str, Any]) -> str:
     if step == TAGS:
         return f"rows={detail.get('rows')}"
     return f"instances={detail.get('instances')} original_deleted={detail.get('original_deleted')}"
-
-
-def _free_bytes(folder: Path) -> int | None:
-    """Bytes free for us on the disk holding `folder` (its nearest existing parent); None if unknown."""
-    for place in (folder, *folder.parents):
-        try:
-            st = os.statvfs(place)
-        except OSError:
-            continue
-        return st.f_bavail * st.f_frsize
-    return None
 
 
 # -- reading, for the report and `status` ---------------------------------------------------------------

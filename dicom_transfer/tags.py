@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .export import NO_ROOM, StepFailed, instance_order, keyword_problem, tag_key
+from .disk import NO_ROOM
+from .export import StepFailed, instance_order, keyword_problem, tag_key
 
 LEVELS = ("instance", "series")
 _ITEM_KEYS = ("keyword", "alias", "default")

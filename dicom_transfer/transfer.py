@@ -17,8 +17,9 @@ import structlog
 
 from .batch import BatchCheck, BatchRow, check_batch, iter_batch
 from .config import Config
+from .disk import free_bytes
 from .errors import ConfigError, DicomTransferError, JournalFull, OrthancError, Unreachable, Untrusted
-from .journal import PLAN_CHUNK, Journal, disk_full, file_digest, free_bytes, peek_meta
+from .journal import PLAN_CHUNK, Journal, disk_full, file_digest, peek_meta
 from .orthanc import Destination, ForwardTarget, LocalOrthanc, LocalStore, OrthancRest, check_c_get
 from .relay import Relay
 from .report import build_report, write_report

@@ -399,3 +399,12 @@ def test_example_file_sections_validate(tmp_path: Path):
     cfg = config(tmp_path, "\n".join(lines))
     validate(cfg)
     assert settings_of(cfg).enabled == ("anonymize", "tags", "export", "nifti")  # dcm2niix: .ci/setup --tests
+
+
+def test_free_bytes_of_a_folder_not_made_yet_is_its_disks(tmp_path: Path):
+    """An export folder not created yet: the space of the disk it will be on, not 'unknown'."""
+    from dicom_transfer.disk import free_bytes
+
+    here = free_bytes(tmp_path)
+    later = free_bytes(tmp_path / "not" / "made" / "yet")
+    assert here is not None and later is not None and abs(later - here) < 64 * 2**20
