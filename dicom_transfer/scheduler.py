@@ -41,7 +41,7 @@ from .orthanc import (
 from .parties import Parties
 from .pause import Pause
 from .relay import Forwarded, Relay
-from .retry import ELSEWHERE_WAIT_S, RetryPolicy
+from .retry import ELSEWHERE_WAIT_S, FREE_REQUEUES, RetryPolicy
 from .runlock import SeriesClaims
 from .states import TRANSITIONS, Event, State, next_state
 from .verify import Decision, Observation, Verdict, judge
@@ -379,7 +379,7 @@ class Scheduler:
         """Relay pre-check: the destination already holds the series whole → complete, no move."""
         assert self.relay is not None
         self.relay.dest.hint(row.uid, answer.patient_id, answer.study_uid)
-        have = self.relay.dest.count(row.uid, lookup=False)  # one GET across the link
+        have = self._with_copy(row.uid, self.relay.dest.count(row.uid, lookup=False), expected)  # across the link
         if have < expected:
             return False
         self._present(row.uid, State.PENDING, have, f"count={have} at destination",
@@ -428,6 +428,11 @@ class Scheduler:
             return
         if done.outcome == "lost":
             self.relay.finished(done.uid)
+            if self.retry.free_requeue(done.uid) is None:  # lost again and again: not a passing fault
+                final = f"{done.reason} (lost at the local Orthanc {FREE_REQUEUES + 1} times in this run)"
+                self.journal.transition(done.uid, State.FORWARDING, Event.GIVE_UP, final, reason=final)
+                log.warning("series.failed", series=short_uid(done.uid), reason=final)
+                return
             self.journal.transition(done.uid, State.FORWARDING, Event.LOST_LOCAL, done.reason,
                                     received=0, reason=done.reason)  # fmt: skip
             self._pending.clear()  # back in `pending`: read again, in batch order
@@ -573,9 +578,8 @@ class Scheduler:
             return
         if have is None:
             have = self.dest.count(row.uid, lookup=not listed)
-        if expected is not None and have < expected and self.after is not None:
-            # With anonymize.delete_original the original is gone once done: count the copy.
-            have = max(have, self.after.copy_count(row.uid))
+        if self.relay is None:  # in relay mode moves land at the local Orthanc: no copy is made there
+            have = self._with_copy(row.uid, have, expected)
         if expected is not None and have >= expected:
             self._whole(row, State.PENDING, have, expected, study_uid=answer.study_uid)
             return
@@ -587,6 +591,15 @@ class Scheduler:
         queried = replace(row, state=State.QUERIED, study_uid=answer.study_uid, expected=expected,
                           received=have, sop_uids=sop)  # fmt: skip
         heapq.heappush(self._ready, (row.seq, queried))
+
+    def _with_copy(self, uid: str, have: int, expected: int | None) -> int:
+        """The destination's count of a series, or of its anonymised copy when the original is short there.
+
+        With anonymize.delete_original the original is gone from the destination once done.
+        """
+        if expected is not None and have < expected and self.after is not None:
+            return max(have, self.after.copy_count(uid))
+        return have
 
     def _whole(self, row: SeriesRow, state: State, have: int, expected: int, **fields: Any) -> None:
         """Whole where moves land before any move: held for its forward in relay mode, else complete."""

@@ -81,6 +81,42 @@ def test_relay_moves_to_local_then_forwards(separate: Stack, tmp_path: Path) -> 
     assert sum(e == "forward" for s in series for e in events_of(journal, s.series_uid)) == 3
 
 
+def test_relay_runs_the_after_arrival_steps_on_the_destination(separate: Stack, tmp_path: Path) -> None:
+    """Relay with anonymize (delete_original), tags and export: the steps run once a series is proven at the
+    destination, read the destination's copy, and the local Orthanc ends empty."""
+    series = make_series(3, 5, seed=186, rows=16, columns=16)
+    upload(separate.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    cfg = relay_config(tmp_path / "t.yaml", separate)
+    anonymize = "anonymize: {lookup: lookup.csv, delete_original: true}\n"
+    cfg.write_text(
+        cfg.read_text() + anonymize + "export: {dir: out}\ntags: {file: tags.csv, keywords: [SOPInstanceUID]}\n"
+    )
+    res = run_cli("--batch", batch, "--config", cfg, "--report", tmp_path / "r.json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["series"]
+    assert [(r["anonymized"]["state"], r["tags"]["state"], r["export"]["state"]) for r in rows] == [
+        ("done", "done", "done")
+    ] * 3
+    assert len([p for p in (tmp_path / "out").rglob("*") if p.is_file()]) == 15
+    assert len((tmp_path / "tags.csv").read_text().splitlines()) == 1 + 15
+    assert separate.dest is not None
+    for s in series:  # the originals deleted at the destination after their copies were counted
+        assert count_at(separate.dest.rest, s.series_uid) == 0
+    assert separate.dest.rest.get("/statistics")["CountInstances"] == 15  # the anonymised copies
+    assert separate.centre.rest.get("/statistics")["CountInstances"] == 0
+    text = (tmp_path / "tags.csv").read_text()
+    assert not any(sop in text for s in series for sop in s.sop_uids)  # tags read from the copies
+    # A fresh journal: the destination holds only the copies, and they prove the series there (no move, no
+    # forward: before, the copy's count passed for the local Orthanc's and the forward found nothing, forever).
+    again_cfg = relay_config(tmp_path / "again.yaml", separate)
+    again_cfg.write_text(again_cfg.read_text() + anonymize)
+    other = tmp_path / "other.sqlite"
+    again = run_cli("--batch", batch, "--config", again_cfg, "--journal", other, "--json", timeout=60)
+    assert again.returncode == 0 and json.loads(again.stdout)["complete"] == 3, again.stderr[-3000:]
+    assert {e for s in series for e in events_of(other, s.series_uid)} <= {"present", "anonymize_done"}
+
+
 @pytest.fixture(scope="module")
 def stack_new_separate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """PACS, local Orthanc and destination all Orthanc 1.12.x."""
