@@ -40,7 +40,7 @@ FAILURES_SHOWN = 100
 REASONS_SHOWN = 30
 RAW_LIMIT_POINTS = 600  # more throttle changes than this are drawn per time bucket
 RETRY_EVENTS = ("short", "requeued", "give_up", "not_found")
-RUN_PROBLEMS = ("source.unreachable", "destination.full")
+RUN_PROBLEMS = ("source.unreachable", "destination.full", "destination.unreachable")
 # A throttle change goes up (the limit grew back, or the learned ceiling lifted) or down (the PACS
 # was full: halved, or at 1 already). The change says which (`kind`); journals written before
 # it had `kind` are read by the limit's direction and `why`.
@@ -384,7 +384,8 @@ def _plot_limit(
                 chart.mark(a, cls, f"{clock.stamp(tl.start(i))}: {v} × {kind}", count=v, kind=kind)
     return chart.render(
         [("limit", "in-flight limit"), ("issued", f"moves issued (max {peak} per {number(tl.step)} s)"),
-         ("drop", "throttle down"), ("recover", "throttle up"), ("problem", "source unreachable / destination full")]
+         ("drop", "throttle down"), ("recover", "throttle up"),
+         ("problem", "source unreachable / destination full or unreachable")]
     )  # fmt: skip
 
 

@@ -354,6 +354,8 @@ class OrthancRest:
                 return False  # a setting to fix: asking again changes nothing
             if isinstance(exc, _NotDelivered):
                 return True
+            if isinstance(exc, TransientOrthancError) and exc.status == 507:
+                return False  # its storage is full: asking again within seconds changes nothing
             return idempotent and isinstance(exc, TransientOrthancError)
 
         started = time.monotonic()
@@ -384,6 +386,8 @@ class OrthancRest:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _unreachable(self, exc: TransientOrthancError) -> Unreachable:
+        if exc.status == 507:
+            return Unreachable(exc.status, exc.url, f"{self.name} stores nothing more: {exc.message} (HTTP 507)")
         return Unreachable(exc.status, exc.url, f"{self.name} did not answer: {exc.message}")
 
     def _once(

@@ -31,6 +31,7 @@ from .config import Config
 from .errors import OrthancError, Unreachable
 from .flights import Workers
 from .orthanc import ForwardTarget, LocalStore
+from .pause import Pause
 
 log = structlog.get_logger("dicom_transfer")
 
@@ -50,6 +51,8 @@ class Forwarded:
     seconds: float = 0.0
     reason: str | None = None
     refused: bool = False  # the destination answered and refused: an attempt is spent
+    out: bool = False  # the destination did not take it (down, an error, full): no attempt, the run may pause
+    full: bool = False  # ... because its storage is full (HTTP 507)
     deleted: bool = True  # the local copy is gone (False: deleting it failed; it is left behind)
 
 
@@ -100,8 +103,8 @@ def forward(local: LocalStore, dest: ForwardTarget, uid: str, expected: int, chu
         have = dest.count(uid)
     seconds = time.monotonic() - started
     if have < expected:
-        reason = f"forward short: {have}/{expected} at the destination"
-        return Forwarded(uid, "short", have, sent, seconds, reason=reason)
+        reason = f"forward short: {have}/{expected} at the destination"  # it took them and kept too few
+        return Forwarded(uid, "short", have, sent, seconds, reason=reason, refused=True)
     try:  # proven whole at the destination: only now may the local copy go
         local.delete_series(uid)
     except (OrthancError, Unreachable) as exc:
@@ -134,6 +137,7 @@ class Relay:
         self._disk_at = -DISK_EVERY_S
         self.disk_bytes = 0
         self.full_since: float | None = None
+        self.out = Pause("destination", clock)  # forwards the destination did not take (down, full)
         self.sent = 0  # instances forwarded by this run
         self.left: dict[str, float] = {}  # complete series whose local delete failed → when to try again
 
@@ -152,18 +156,24 @@ class Relay:
             heapq.heappush(self._later, (at, uid))
 
     def next_due(self) -> float | None:
-        """When the earliest backed-off forward is due (None: none waits)."""
-        return self._later[0][0] if self._later else None
+        """When the earliest backed-off forward (or the paused destination's probe) is due (None: none waits)."""
+        due = [at for at in (self._later[0][0] if self._later else None, self.out.probe_at) if at is not None]
+        return min(due) if due else None
 
     def take(self, now: float) -> Held | None:
-        """The next series to forward, when the worker is free and one is due."""
-        if self.busy is not None:
+        """The next series to forward, when the worker is free and one is due.
+
+        While the destination takes no forward (`out`), the next one waits for the pause's
+        probe time (1 s, doubling to 30 s): one series tries, the others wait.
+        """
+        if self.busy is not None or (self.out and not self.out.due(now)):
             return None
         while self._later and self._later[0][0] <= now:
             self._ready.append(heapq.heappop(self._later)[1])
         while self._ready:
             held = self.held.get(self._ready.popleft())
             if held is not None:
+                self.out.probe_at = None  # this forward is the probe: a failure sets the next one
                 return held
         return None
 
@@ -187,7 +197,9 @@ class Relay:
             except (OrthancError, Unreachable) as exc:
                 unreachable = isinstance(exc, Unreachable) or exc.status is None or exc.status >= 500
                 refused = not unreachable or "refused an instance" in exc.message
-                done = Forwarded(held.uid, "short", 0, reason=f"forward failed: {exc.message}", refused=refused)
+                out = not refused and exc.url.startswith(dest.url)  # not the local Orthanc's error
+                done = Forwarded(held.uid, "short", 0, reason=f"forward failed: {exc.message}", refused=refused,
+                                 out=out, full=out and exc.status == 507)  # fmt: skip
             except BaseException as exc:  # pragma: no cover - reported, never lost silently
                 done = Forwarded(held.uid, "short", 0, reason=f"forward failed: {exc!r}", refused=True)
             self._results.put(done)
@@ -260,6 +272,23 @@ class Relay:
                 log.info("relay.local_room", waited_s=round(now - self.full_since, 1))
                 self.full_since = None
         return self.full_since is not None
+
+    def gone(self, now: float, limit_s: float, moves_left: bool) -> str | None:
+        """The stop reason when the destination has taken no forward for longer than `limit_s`.
+
+        Moves go on meanwhile (the local Orthanc stores what the PACS sends, up to
+        `relay.max_local_gb`); the run stops once nothing else can be done: no move left,
+        or the local bound reached. What is held stays whole at the local Orthanc.
+        """
+        if not self.out.too_long(now, limit_s) or self.busy is not None:
+            return None
+        if moves_left and self.full_since is None:
+            return None
+        return (
+            f"the destination took no forward for {now - (self.out.since or now):.0f} s ({self.out.why});"
+            f" {len(self.held)} series wait, held whole at the local Orthanc: the same command forwards them"
+            " once the destination stores again"
+        )
 
     def stuck(self, now: float, limit_s: float) -> str | None:
         """The stop reason when the bound is held by data not ours for longer than `limit_s`.

@@ -413,6 +413,10 @@ class Scheduler:
             return
         if done.outcome == "arrived":
             self.relay.finished(done.uid)
+            if self.relay.out:  # the destination takes forwards again
+                paused_s = round(self.relay.out.end(), 1)
+                self.journal.record("destination.stores", {"paused_s": paused_s})
+                log.info("destination.stores", paused_s=paused_s)
             first = held.first_issued_at
             self.journal.transition(
                 done.uid, State.FORWARDING, Event.ARRIVED, f"count={done.count} sent={done.sent}",
@@ -441,6 +445,10 @@ class Scheduler:
         held.tries += 1
         held.failures += 1 if done.refused else 0
         reason = done.reason or "forward short"
+        if done.out and self.relay.out.begin(reason):  # not the series' fault: moves go on, the run may stop
+            event = "destination.full" if done.full else "destination.unreachable"
+            self.journal.record(event, {"why": reason})
+            log.warning(event, why=reason, destination=self.relay.dest.url)
         if held.failures >= self.t.max_attempts:
             self.relay.finished(done.uid)
             final = f"{reason} after {held.failures} forwards"
@@ -479,8 +487,16 @@ class Scheduler:
             log.info("series.reclaimed", series=short_uid(row.uid), count=count, expected=expected, at="local")
 
     def _relay_stuck(self, now: float) -> str | None:
-        """Why the run must stop: series wait for room at the local Orthanc that no forward can make."""
-        return None if self.relay is None or not self._ready else self.relay.stuck(now, self.t.unreachable_s)
+        """Why the run must stop: series wait for room at the local Orthanc that no forward can make,
+        or the destination has taken no forward for `unreachable_s` and no move is left to make."""
+        if self.relay is None:
+            return None
+        stuck = self.relay.stuck(now, self.t.unreachable_s) if self._ready else None
+        if stuck is None and self.relay.out.too_long(now, self.t.unreachable_s):
+            counts = self.journal.counts()
+            moves_left = bool(self._ready or self._pending or counts["pending"] or counts["queried"])
+            stuck = self.relay.gone(now, self.t.unreachable_s, moves_left)
+        return stuck
 
     def _last_deletes(self) -> None:
         """One more try at the local copies whose delete failed; those still there are named."""

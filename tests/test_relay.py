@@ -25,7 +25,9 @@ from bench.resilience import cli_popen, count_at, deleted_too_soon, finish_backg
 from dicom_transfer.config import load_config
 from dicom_transfer.errors import ConfigError, Unreachable
 from dicom_transfer.relay import DELETE_EVERY_S, Relay, chunks
-from dicom_transfer.stack import HOST, Stack, start_stack
+from dicom_transfer.stack import HOST, OrthancSpec, Stack, launch_orthanc, start_stack
+from dicom_transfer.stack import _stop_all as stop_all
+from dicom_transfer.stack import _wait_all as wait_all
 from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
 
 pytestmark = pytest.mark.integration
@@ -52,14 +54,18 @@ def events_of(journal: Path, uid: str) -> list[str]:
         return [e for (e,) in db.execute("SELECT event FROM events WHERE uid=? ORDER BY id", (uid,))]
 
 
-def check_relayed(stack: Stack, series: list[SyntheticSeries], journal: Path) -> None:
-    """Every series whole at the destination, gone from the local Orthanc, via held → forward → arrived."""
+def check_relayed(stack: Stack, series: list[SyntheticSeries], journal: Path, retried: bool = False) -> None:
+    """Every series whole at the destination, gone from the local Orthanc, via held → forward → arrived
+    (`retried`: held, then forwards that may have failed, the last one arrived)."""
     assert stack.dest is not None
     for s in series:
         assert count_at(stack.dest.rest, s.series_uid) == len(s.sop_uids)
         assert count_at(stack.centre.rest, s.series_uid) == 0
         events = [e for e in events_of(journal, s.series_uid) if e in ("held", "forward", "arrived")]
-        assert events[-3:] == ["held", "forward", "arrived"], events
+        if retried:
+            assert "held" in events and events[-2:] == ["forward", "arrived"], events
+        else:
+            assert events[-3:] == ["held", "forward", "arrived"], events
     assert stack.centre.rest.get("/statistics")["CountInstances"] == 0
 
 
@@ -263,6 +269,61 @@ def test_relay_stops_when_the_local_orthanc_is_full_of_data_not_its_own(separate
     assert count_at(separate.centre.rest, other[0].series_uid) == 20
 
 
+@pytest.fixture
+def full_dest(tmp_path: Path) -> Iterator[Stack]:
+    """PACS and local Orthanc 1.10.1, the destination Orthanc >= 1.12 capped at 1 MB (MaximumStorageMode Reject)."""
+    pacs, centre, dest = (OrthancSpec.plan(n, a) for n, a in (("pacs", "HOSPITAL"), ("centre", "CENTRE"),
+                                                             ("dest", "DEST")))  # fmt: skip
+    launched = [
+        launch_orthanc(pacs, tmp_path, {"CENTRE": centre.modality}),
+        launch_orthanc(centre, tmp_path, {"PACS": pacs.modality}),
+        launch_orthanc(dest, tmp_path, {}, command=_new_orthanc_command(),
+                       extra_config={"MaximumStorageSize": 1, "MaximumStorageMode": "Reject"}),
+    ]  # fmt: skip
+    wait_all(launched, 30)
+    yield Stack(launched[0], launched[1], launched[2], "separate")
+    stop_all(launched, kill=True)
+
+
+def test_relay_stops_on_a_full_destination_then_resumes(full_dest: Stack, tmp_path: Path) -> None:
+    """The destination fills up mid-batch: forwards are not the series' fault (no attempt spent, none failed);
+    moves go on into the local Orthanc, then the run stops after unreachable_s (exit 3) with the rest held
+    whole locally and nothing deleted; once space is freed the same command forwards them (exit 0)."""
+    assert full_dest.dest is not None
+    filler = make_series(1, 70, seed=188)  # ~0.6 of the 1 MB the destination may hold
+    upload(full_dest.dest.rest, filler)
+    series = make_series(8, 10, seed=189)  # ~0.7 MB more: the destination fills up mid-batch
+    upload(full_dest.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    journal = tmp_path / "series.journal.sqlite"
+    cfg = relay_config(tmp_path / "t.yaml", full_dest, unreachable_s=3, max_attempts=2, backoff_max_s=1)
+    first = run_cli("--batch", batch, "--config", cfg, timeout=180)
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert "the destination took no forward" in first.stderr and "HTTP 507" in first.stderr, first.stderr[-2000:]
+    assert "held whole at the local Orthanc" in first.stderr, first.stderr[-2000:]
+    rows = journal_rows(journal)
+    states = {r["state"] for r in rows}
+    assert "failed" not in states and "held_local" in states, rows
+    assert 0 < sum(r["state"] == "complete" for r in rows) < 8, rows
+    assert deleted_too_soon(journal, full_dest.centre.rest, full_dest.dest.rest) == []
+    for r in rows:
+        if r["state"] == "held_local":
+            assert count_at(full_dest.centre.rest, r["uid"]) == 10
+    with closing(sqlite3.connect(journal)) as db:
+        full = [w for (w,) in db.execute("SELECT detail FROM events WHERE event='destination.full'")]
+    assert len(full) == 1, full
+    # Space is freed: the same command forwards what waits at the local Orthanc.
+    for patient in full_dest.dest.rest.get("/patients"):
+        if full_dest.dest.rest.get(f"/patients/{patient}")["MainDicomTags"]["PatientID"] == filler[0].patient_id:
+            full_dest.dest.rest.delete(f"/patients/{patient}")
+    again = run_cli("--batch", batch, "--config", cfg, "--json", timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    check_relayed(full_dest, series, journal, retried=True)
+    with closing(sqlite3.connect(journal)) as db:
+        assert [e for (e,) in db.execute("SELECT event FROM events WHERE event LIKE 'destination.%'")] == [
+            "destination.full"], "the second run found room: no pause"
+
+
 def test_relay_needs_two_servers(tmp_path: Path) -> None:
     """transfer.mode relay without a destination.url of its own is a config error naming the key."""
     path = tmp_path / "t.yaml"
@@ -296,11 +357,11 @@ class FakeLocal:
         return self.disk
 
 
-def fake_relay(local: FakeLocal, tmp_path: Path, max_local_gb: float = 1) -> Relay:
+def fake_relay(local: FakeLocal, tmp_path: Path, max_local_gb: float = 1, clock: Any = time.time) -> Relay:
     path = tmp_path / "t.yaml"
     path.write_text(f"destination: {{url: 'http://10.0.0.9:8042'}}\ntransfer: {{mode: relay}}\n"
                     f"relay: {{max_local_gb: {max_local_gb}}}\n")  # fmt: skip
-    return Relay(load_config(path), local, None, wake=lambda: None)  # type: ignore[arg-type]
+    return Relay(load_config(path), local, None, wake=lambda: None, clock=clock)  # type: ignore[arg-type]
 
 
 def test_a_failed_local_delete_is_tried_again_until_it_goes(tmp_path: Path) -> None:
@@ -327,3 +388,36 @@ def test_the_bound_held_by_data_not_ours_stops_after_the_limit(tmp_path: Path) -
     assert reason is not None and "2.00 GB" in reason and "relay.max_local_gb (1)" in reason
     relay.hold("1.2.3", expected=10, first_issued_at=None)  # one of ours: a forward will free room
     assert relay.stuck(10.0 + 60, 30) is None
+
+
+def test_a_destination_that_takes_no_forward_is_probed_by_one_series_and_stops_the_run_when_nothing_else_can(
+    tmp_path: Path,
+) -> None:
+    """While the destination is out (down or full), one forward at a time probes it on the pause's back-off;
+    after the limit the run stops only once no move is left (or the local bound is reached), never mid-forward."""
+    now = [100.0]
+    relay = fake_relay(FakeLocal(), tmp_path, clock=lambda: now[0])
+    relay.hold("a", 10, None)
+    relay.hold("b", 10, None)
+    taken = relay.take(100.0)
+    assert taken is not None and taken.uid == "a"
+    assert relay.out.begin("forward failed: destination Orthanc stores nothing more (HTTP 507)")  # a new pause
+    relay.hold("a", 10, None, at=100.5)
+    assert relay.take(100.6) is None  # "b" waits: the probe is due 1 s after the failure
+    assert relay.next_due() == 100.5
+    taken = relay.take(101.0)
+    assert taken is not None and taken.uid == "b" and relay.out.probe_at is None  # b is the probe
+    now[0] = 101.5
+    assert not relay.out.begin("again")  # the same pause, its wait doubled
+    assert relay.take(103.0) is None and relay.take(103.5) is not None
+    assert relay.gone(130.0, 30, moves_left=False) is None  # not out long enough
+    reason = relay.gone(131.0, 30, moves_left=False)
+    assert reason is not None and "took no forward for 31 s" in reason and "held whole at the local Orthanc" in reason
+    assert relay.gone(131.0, 30, moves_left=True) is None  # the PACS's series still fill the local Orthanc
+    relay.full_since = 120.0
+    assert relay.gone(131.0, 30, moves_left=True) is not None  # ... unless it is full
+    relay.busy = "a"
+    assert relay.gone(131.0, 30, moves_left=False) is None  # never mid-forward
+    relay.busy = None
+    relay.out.end()
+    assert relay.gone(500.0, 30, moves_left=False) is None
