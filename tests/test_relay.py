@@ -224,6 +224,36 @@ def test_relay_survives_a_fault_mid_forward(separate: Stack, tmp_path: Path, fau
     check_relayed(separate, series, journal)
 
 
+def test_relay_stops_when_the_destination_stays_down_then_resumes(separate: Stack, tmp_path: Path) -> None:
+    """The destination down for longer than unreachable_s mid-forward: exit 3 once no move is left, nothing
+    failed, nothing deleted before it was whole there; restarted, the same command forwards the rest (exit 0)."""
+    assert separate.dest is not None
+    series = make_series(4, 30, seed=190, rows=128, columns=128)
+    upload(separate.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    journal, log = tmp_path / "series.journal.sqlite", tmp_path / "run.log"
+    with WanLink(HOST, separate.dest.spec.http_port, rtt_ms=20, mbit=8) as link:
+        # move_timeout_s is also how long one request retries a party that does not answer.
+        cfg = relay_config(tmp_path / "t.yaml", separate, dest_url=f"http://{HOST}:{link.port}", unreachable_s=2,
+                           move_timeout_s=5)  # fmt: skip
+        proc = cli_popen("--batch", batch, "--config", cfg, log=log)
+        _wait_forwarding(journal, proc)
+        separate.dest.kill()
+        try:
+            code = finish_background(proc, log, timeout=120)
+            text = log.read_text()
+            assert code == 3, text[-3000:]
+            assert "destination.unreachable" in text and "the destination took no forward" in text, text[-3000:]
+            rows = journal_rows(journal)
+            assert "failed" not in {r["state"] for r in rows} and any(r["state"] == "held_local" for r in rows), rows
+        finally:
+            separate.dest.restart()
+        assert deleted_too_soon(journal, separate.centre.rest, separate.dest.rest) == []
+        again = run_cli("--batch", batch, "--config", cfg, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    check_relayed(separate, series, journal, retried=True)
+
+
 def test_relay_moves_wait_while_the_local_orthanc_is_full(separate: Stack, tmp_path: Path) -> None:
     """relay.max_local_gb reached: moves wait (relay.local_full), resume once forwards free it; no deadlock, no loss."""
     assert separate.dest is not None
