@@ -195,9 +195,13 @@ class Relay:
             try:
                 done = forward(*args)
             except (OrthancError, Unreachable) as exc:
+                at_dest = exc.url.startswith(dest.url)
                 unreachable = isinstance(exc, Unreachable) or exc.status is None or exc.status >= 500
-                refused = not unreachable or "refused an instance" in exc.message
-                out = not refused and exc.url.startswith(dest.url)  # not the local Orthanc's error
+                # Spent: the destination refused, or the local Orthanc answered with an error of its own
+                # (a file it cannot read): asking again would go round forever.
+                refused = (not unreachable or "refused an instance" in exc.message
+                           or (not at_dest and not isinstance(exc, Unreachable)))  # fmt: skip
+                out = not refused and at_dest
                 done = Forwarded(held.uid, "short", 0, reason=f"forward failed: {exc.message}", refused=refused,
                                  out=out, full=out and exc.status == 507)  # fmt: skip
             except BaseException as exc:  # pragma: no cover - reported, never lost silently

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from wanlink import WanLink
 
 from bench.resilience import cli_popen, count_at, deleted_too_soon, finish_background, journal_rows, r3_kills
 from dicom_transfer.config import load_config
-from dicom_transfer.errors import ConfigError, Unreachable
+from dicom_transfer.errors import ConfigError, OrthancError, Unreachable
 from dicom_transfer.relay import DELETE_EVERY_S, Relay, chunks
 from dicom_transfer.stack import HOST, OrthancSpec, Stack, launch_orthanc, start_stack
 from dicom_transfer.stack import _stop_all as stop_all
@@ -451,3 +452,48 @@ def test_a_destination_that_takes_no_forward_is_probed_by_one_series_and_stops_t
     relay.busy = None
     relay.out.end()
     assert relay.gone(500.0, 30, moves_left=False) is None
+
+
+class BrokenStore:
+    """A local Orthanc that holds the series but answers an archive with an error of its own (HTTP 500)."""
+
+    url = "http://127.0.0.1:1"
+
+    def clone(self) -> BrokenStore:
+        return self
+
+    def instance_sizes(self, uid: str) -> list[tuple[str, int]]:
+        return [(f"i{n}", 1000) for n in range(3)]
+
+    def archive(self, ids: list[str], timeout_s: float) -> bytes:
+        raise OrthancError(500, f"{self.url}/tools/create-archive", "Inexistent file", details="storage area")
+
+
+class EmptyDest:
+    url = "http://127.0.0.1:2"
+
+    def clone(self) -> EmptyDest:
+        return self
+
+    def count(self, uid: str) -> int:
+        return 0
+
+    def store_archive(self, archive: bytes, timeout_s: float) -> int:
+        raise AssertionError("nothing to upload: the archive failed")
+
+
+def test_an_error_of_the_local_orthanc_spends_an_attempt_and_is_no_destination_pause(tmp_path: Path) -> None:
+    """A forward the local Orthanc fails with an error of its own counts against max_attempts (it would go
+    round forever otherwise) and does not pause the destination."""
+    path = tmp_path / "t.yaml"
+    path.write_text("destination: {url: 'http://127.0.0.1:2'}\ntransfer: {mode: relay}\n")
+    done: queue.SimpleQueue[None] = queue.SimpleQueue()
+    relay = Relay(load_config(path), BrokenStore(), EmptyDest(), wake=lambda: done.put(None))  # type: ignore[arg-type]
+    relay.hold("1.2.3", 3, None)
+    held = relay.take(time.time())
+    assert held is not None
+    relay.start(held)
+    done.get(timeout=10)
+    [result] = relay.results()
+    assert result.outcome == "short" and result.refused and not result.out, result
+    assert "Inexistent file" in (result.reason or "")
