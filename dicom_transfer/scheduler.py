@@ -219,10 +219,11 @@ class Scheduler:
                 result = RunResult(True, self.stop.reason)
                 break
             open_now = self.policy.window_open(now)
-            if not open_now and not self.flights and self.until_window_end:
+            held = self.relay is not None and bool(self.relay.held)  # forwards touch no PACS: they drain first
+            if not open_now and not self.flights and self.until_window_end and not held:
                 result = RunResult(True, "outside the time window")
                 break
-            gone = None if self.flights else self.policy.gone_too_long(now) or self._relay_stuck(now)
+            gone = None if self.flights else self.policy.gone_too_long(now) or self._relay_stuck(now, open_now)
             if gone:
                 result = RunResult(True, gone)
                 break
@@ -486,15 +487,15 @@ class Scheduler:
             self.relay.hold(row.uid, expected, row.first_issued_at)
             log.info("series.reclaimed", series=short_uid(row.uid), count=count, expected=expected, at="local")
 
-    def _relay_stuck(self, now: float) -> str | None:
+    def _relay_stuck(self, now: float, open_now: bool) -> str | None:
         """Why the run must stop: series wait for room at the local Orthanc that no forward can make,
-        or the destination has taken no forward for `unreachable_s` and no move is left to make."""
+        or the destination has taken no forward for `unreachable_s` and no move is left to make now."""
         if self.relay is None:
             return None
         stuck = self.relay.stuck(now, self.t.unreachable_s) if self._ready else None
         if stuck is None and self.relay.out.too_long(now, self.t.unreachable_s):
             counts = self.journal.counts()
-            moves_left = bool(self._ready or self._pending or counts["pending"] or counts["queried"])
+            moves_left = open_now and bool(self._ready or self._pending or counts["pending"] or counts["queried"])
             stuck = self.relay.gone(now, self.t.unreachable_s, moves_left)
         return stuck
 

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,18 @@ from peers.pacs import MisbehavingPacs
 from wanlink import WanLink
 
 from bench.resilience import cli_popen, count_at, deleted_too_soon, finish_background, journal_rows, r3_kills
+from dicom_transfer.batch import check_batch
 from dicom_transfer.config import load_config
 from dicom_transfer.errors import ConfigError, OrthancError, Unreachable
+from dicom_transfer.journal import Journal
+from dicom_transfer.orthanc import ForwardTarget, LocalOrthanc
 from dicom_transfer.relay import DELETE_EVERY_S, Relay, chunks
+from dicom_transfer.scheduler import Scheduler
 from dicom_transfer.stack import HOST, OrthancSpec, Stack, launch_orthanc, start_stack
 from dicom_transfer.stack import _stop_all as stop_all
 from dicom_transfer.stack import _wait_all as wait_all
 from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
+from dicom_transfer.transfer import _relay_parts, plan
 
 pytestmark = pytest.mark.integration
 
@@ -353,6 +359,48 @@ def test_relay_stops_on_a_full_destination_then_resumes(full_dest: Stack, tmp_pa
     with closing(sqlite3.connect(journal)) as db:
         assert [e for (e,) in db.execute("SELECT event FROM events WHERE event LIKE 'destination.%'")] == [
             "destination.full"], "the second run found room: no pause"
+
+
+def test_relay_at_the_window_end_drains_the_forwards_and_moves_nothing_more(separate: Stack, tmp_path: Path) -> None:
+    """--until-window-end in relay mode: the window closes while the first series moves; it completes its move
+    and then its forward (forwards touch no PACS), nothing new is issued, and the local Orthanc is left empty."""
+    assert separate.dest is not None
+    series = make_series(3, 30, seed=191, rows=128, columns=128)
+    upload(separate.pacs.rest, series)
+    batch = write_batch_csv(series, tmp_path / "series.csv")
+    # The destination behind a slow link: the forward outlasts the move, so the run reaches the close with it.
+    with WanLink(HOST, separate.dest.spec.http_port, rtt_ms=20, mbit=2) as link:
+        path = relay_config(tmp_path / "t.yaml", separate, dest_url=f"http://{HOST}:{link.port}", max_in_flight=1,
+                            move_method="blocking")  # fmt: skip
+        with path.open("a") as f:
+            f.write("window: {start: '08:00', end: '17:00', timezone: Europe/Zurich}\n")
+        cfg = load_config(path)
+        close = datetime(2026, 6, 10, 16, 59, 59, tzinfo=timezone(timedelta(hours=2))).timestamp()
+        offset = [close - time.time()]  # one second before the window closes
+
+        def clock() -> float:
+            return time.time() + offset[0]
+
+        def on_progress(counts: dict[str, int]) -> None:
+            if counts["moving"] and clock() < close + 2:
+                offset[0] += 2  # the window closes while the first series moves
+
+        journal = Journal(tmp_path / "j.sqlite", clock=clock)
+        local, dest = LocalOrthanc(separate.centre.url), ForwardTarget(f"http://{HOST}:{link.port}")
+        plan(journal, batch, check_batch(batch), cfg, local)
+        landing, relay = _relay_parts(cfg, local, dest, clock)
+        scheduler = Scheduler(cfg, journal, local, landing, clock=clock, until_window_end=True,
+                              on_progress=on_progress, relay=relay)  # fmt: skip
+        result = scheduler.run()
+    counts = journal.counts()
+    assert result.stopped and result.stop_reason == "outside the time window"
+    assert counts["complete"] == 1 and counts["held_local"] == counts["forwarding"] == 0, counts
+    assert counts["pending"] + counts["queried"] == 2, counts
+    events = [e["event"] for e in journal.events(limit=200) if e["uid"]]
+    assert events.count("issued") == 1  # nothing issued after the close
+    assert separate.centre.rest.get("/statistics")["CountInstances"] == 0  # nothing left at the local Orthanc
+    done = next(s for s in series if count_at(separate.dest.rest, s.series_uid))
+    assert count_at(separate.dest.rest, done.series_uid) == 30
 
 
 def test_relay_needs_two_servers(tmp_path: Path) -> None:
