@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from conftest import _new_orthanc_command, run_cli
 from peers.pacs import MisbehavingPacs
+from test_overnight import FakeClock
 from wanlink import WanLink
 
 from bench.resilience import cli_popen, count_at, deleted_too_soon, finish_background, journal_rows, r3_kills
@@ -376,14 +377,11 @@ def test_relay_at_the_window_end_drains_the_forwards_and_moves_nothing_more(sepa
             f.write("window: {start: '08:00', end: '17:00', timezone: Europe/Zurich}\n")
         cfg = load_config(path)
         close = datetime(2026, 6, 10, 16, 59, 59, tzinfo=timezone(timedelta(hours=2))).timestamp()
-        offset = [close - time.time()]  # one second before the window closes
-
-        def clock() -> float:
-            return time.time() + offset[0]
+        clock = FakeClock(close)  # one second before the window closes
 
         def on_progress(counts: dict[str, int]) -> None:
             if counts["moving"] and clock() < close + 2:
-                offset[0] += 2  # the window closes while the first series moves
+                clock.offset += 2  # the window closes while the first series moves
 
         journal = Journal(tmp_path / "j.sqlite", clock=clock)
         local, dest = LocalOrthanc(separate.centre.url), ForwardTarget(f"http://{HOST}:{link.port}")
