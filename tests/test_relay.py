@@ -30,11 +30,13 @@ from dicom_transfer.config import load_config
 from dicom_transfer.errors import ConfigError, OrthancError, Unreachable
 from dicom_transfer.journal import Journal
 from dicom_transfer.orthanc import ForwardTarget, LocalOrthanc
-from dicom_transfer.relay import DELETE_EVERY_S, Relay, chunks
+from dicom_transfer.relay import DELETE_EVERY_S, Forwarded, Relay, chunks, forward
+from dicom_transfer.retry import FREE_REQUEUES
 from dicom_transfer.scheduler import Scheduler
 from dicom_transfer.stack import HOST, OrthancSpec, Stack, launch_orthanc, start_stack
 from dicom_transfer.stack import _stop_all as stop_all
 from dicom_transfer.stack import _wait_all as wait_all
+from dicom_transfer.states import Event, State
 from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
 from dicom_transfer.transfer import _relay_parts, plan
 
@@ -433,6 +435,9 @@ class FakeLocal:
     def disk_bytes(self) -> int:
         return self.disk
 
+    def aet(self) -> str:
+        return "CENTRE"
+
 
 def fake_relay(local: FakeLocal, tmp_path: Path, max_local_gb: float = 1, clock: Any = time.time) -> Relay:
     path = tmp_path / "t.yaml"
@@ -543,3 +548,54 @@ def test_an_error_of_the_local_orthanc_spends_an_attempt_and_is_no_destination_p
     [result] = relay.results()
     assert result.outcome == "short" and result.refused and not result.out, result
     assert "Inexistent file" in (result.reason or "")
+
+
+def test_a_series_lost_at_the_local_orthanc_again_and_again_fails_instead_of_going_round(tmp_path: Path) -> None:
+    """Held whole, then gone at its forward: moved again without spending an attempt, FREE_REQUEUES times in a
+    run; the next loss fails it with that reason (a local Orthanc that keeps losing it would loop all night)."""
+    relay = fake_relay(FakeLocal(), tmp_path)
+    journal = Journal(tmp_path / "j.sqlite")
+    uid = "1.2.826.0.1.3"
+    journal.plan([(uid, "1.2.826.0.1", None, 2)], tmp_path / "series.csv")
+    scheduler = Scheduler(relay.cfg, journal, None, None, relay=relay)  # type: ignore[arg-type]
+    lost = "the local Orthanc holds 0 of 3 instances"
+    for n in range(FREE_REQUEUES + 1):
+        journal.transition(uid, State.PENDING, Event.HELD, "count=3 at local", received=3, expected=3)
+        relay.hold(uid, 3, None)
+        journal.transition(uid, State.HELD_LOCAL, Event.FORWARD, f"attempt={n + 1}")
+        scheduler._forwarded(Forwarded(uid, "lost", 0, reason=lost))
+        row = journal.get(uid)
+        if n < FREE_REQUEUES:
+            assert row.state is State.PENDING and row.attempts == 0, (n, row)
+    assert row.state is State.FAILED, row
+    assert row.reason == f"{lost} (lost at the local Orthanc {FREE_REQUEUES + 1} times in this run)"
+    assert uid not in relay.held
+
+
+class KeepsTwo(EmptyDest):
+    """A destination that takes every upload and then holds only two instances of the series."""
+
+    def __init__(self) -> None:
+        self.uploads = 0
+
+    def count(self, uid: str) -> int:
+        return 2 if self.uploads else 0
+
+    def store_archive(self, archive: bytes, timeout_s: float) -> int:
+        self.uploads += 1
+        return 3
+
+
+class ReadableStore(BrokenStore):
+    def archive(self, ids: list[str], timeout_s: float) -> bytes:
+        return b"PK zip of " + ",".join(ids).encode()
+
+
+def test_a_destination_that_keeps_fewer_than_it_took_spends_an_attempt(tmp_path: Path) -> None:
+    """Uploaded whole, counted short there: the series' attempt is spent (asked again it would go round forever),
+    and the local copy stays."""
+    dest = KeepsTwo()
+    done = forward(ReadableStore(), dest, "1.2.3", 3, 10**6, 5.0)  # type: ignore[arg-type]
+    assert dest.uploads == 1
+    assert done.outcome == "short" and done.refused and not done.out and done.count == 2, done
+    assert done.reason == "forward short: 2/3 at the destination"
