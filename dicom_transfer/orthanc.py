@@ -1006,6 +1006,23 @@ class LocalStore(Destination):
 class ForwardTarget(Destination):
     """The destination in relay mode: takes ZIP archives on `POST /instances` (checked on 1.10.1 and 1.12.7)."""
 
+    def instance_ids(self, series_uid: str) -> set[str]:
+        """Orthanc ids of the instances of this series held here (empty when none).
+
+        An Orthanc id is a SHA-1 of PatientID and the study, series and SOP instance UIDs,
+        so the local Orthanc's id of an instance names the same instance here.
+        """
+        sid = self.series_id(series_uid)
+        if sid is None:
+            return set()
+        try:
+            return {str(iid) for iid in self.get(f"/series/{sid}")["Instances"]}
+        except OrthancError as exc:
+            if exc.status == 404:
+                self._series_ids.pop(series_uid, None)
+                return set()
+            raise
+
     def store_archive(self, archive: bytes, timeout_s: float) -> int:
         """Upload a ZIP of instances; returns how many it stored (or already held).
 

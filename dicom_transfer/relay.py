@@ -87,7 +87,8 @@ def forward(local: LocalStore, dest: ForwardTarget, uid: str, expected: int, chu
     """Send one series from the local Orthanc to the destination; delete it locally once proven there.
 
     The destination is counted first: a series it already holds whole (a forward that
-    ended in a crash) is not sent again.
+    ended in a crash) is not sent again, and of one it holds in part (a forward cut short)
+    only the instances it lacks are sent.
     """
     started = time.monotonic()
     have = dest.count(uid)
@@ -97,6 +98,9 @@ def forward(local: LocalStore, dest: ForwardTarget, uid: str, expected: int, chu
         if len(sizes) < expected:
             reason = f"the local Orthanc holds {len(sizes)} of {expected} instances"
             return Forwarded(uid, "lost", have, reason=reason, seconds=time.monotonic() - started)
+        if have:  # the rest only: the link is the slow part
+            there = dest.instance_ids(uid)
+            sizes = [(iid, size) for iid, size in sizes if iid not in there]
         for group in chunks(sizes, chunk_bytes):
             dest.store_archive(local.archive(group, timeout_s), timeout_s)
             sent += len(group)

@@ -37,7 +37,7 @@ from dicom_transfer.stack import HOST, OrthancSpec, Stack, launch_orthanc, start
 from dicom_transfer.stack import _stop_all as stop_all
 from dicom_transfer.stack import _wait_all as wait_all
 from dicom_transfer.states import Event, State
-from dicom_transfer.synthetic import SyntheticSeries, make_series, upload, write_batch_csv
+from dicom_transfer.synthetic import SyntheticSeries, instance_bytes, make_series, upload, write_batch_csv
 from dicom_transfer.transfer import _relay_parts, plan
 
 pytestmark = pytest.mark.integration
@@ -403,6 +403,23 @@ def test_relay_at_the_window_end_drains_the_forwards_and_moves_nothing_more(sepa
     assert count_at(separate.dest.rest, done.series_uid) == 30
 
 
+def test_relay_sends_only_what_the_destination_lacks(separate: Stack, tmp_path: Path) -> None:
+    """A series the destination already holds 10 of 30 of (a forward cut short, a partial earlier transfer):
+    moved whole to the local Orthanc, then only the 20 missing instances cross the link."""
+    assert separate.dest is not None
+    [s] = make_series(1, 30, seed=192, rows=32, columns=32)
+    upload(separate.pacs.rest, [s])
+    for i in range(10):
+        separate.dest.rest.post("/instances", content=instance_bytes(s, i))
+    batch = write_batch_csv([s], tmp_path / "series.csv")
+    log = tmp_path / "run.jsonl"
+    res = run_cli("--batch", batch, "--config", relay_config(tmp_path / "t.yaml", separate), "--log-file", log)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [complete] = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "series.complete"]
+    assert complete["forwarded"] == 20 and complete["received"] == 30, complete
+    check_relayed(separate, [s], tmp_path / "series.journal.sqlite")
+
+
 def test_relay_needs_two_servers(tmp_path: Path) -> None:
     """transfer.mode relay without a destination.url of its own is a config error naming the key."""
     path = tmp_path / "t.yaml"
@@ -590,6 +607,9 @@ class ReadableStore(BrokenStore):
     def archive(self, ids: list[str], timeout_s: float) -> bytes:
         return b"PK zip of " + ",".join(ids).encode()
 
+    def delete_series(self, uid: str) -> None:
+        self.deleted = uid
+
 
 def test_a_destination_that_keeps_fewer_than_it_took_spends_an_attempt(tmp_path: Path) -> None:
     """Uploaded whole, counted short there: the series' attempt is spent (asked again it would go round forever),
@@ -599,3 +619,27 @@ def test_a_destination_that_keeps_fewer_than_it_took_spends_an_attempt(tmp_path:
     assert dest.uploads == 1
     assert done.outcome == "short" and done.refused and not done.out and done.count == 2, done
     assert done.reason == "forward short: 2/3 at the destination"
+
+
+class HasOne(EmptyDest):
+    """A destination that holds the first instance of the series (a forward cut short) and takes the rest."""
+
+    def __init__(self) -> None:
+        self.archives: list[bytes] = []
+
+    def count(self, uid: str) -> int:
+        return 3 if self.archives else 1
+
+    def instance_ids(self, uid: str) -> set[str]:
+        return {"i0"}
+
+    def store_archive(self, archive: bytes, timeout_s: float) -> int:
+        self.archives.append(archive)
+        return 2
+
+
+def test_a_series_the_destination_holds_in_part_is_completed_with_the_rest_only(tmp_path: Path) -> None:
+    dest = HasOne()
+    done = forward(ReadableStore(), dest, "1.2.3", 3, 10**6, 5.0)  # type: ignore[arg-type]
+    assert dest.archives == [b"PK zip of i1,i2"]
+    assert done.outcome == "arrived" and done.sent == 2 and done.count == 3, done
