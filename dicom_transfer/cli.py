@@ -210,11 +210,18 @@ def status(
     if json_out:
         typer.echo(json.dumps(info, indent=2))
         return
+    _print_status(info)
+
+
+def _print_status(info: dict[str, Any]) -> None:
+    """`status` as text: one line per fact, the in-flight series and the last errors."""
     s = info["summary"]
     typer.echo(f"journal   {info['journal']}")
     if info.get("run"):
         run = info["run"]
         typer.echo(f"run       pid {run['pid']} on {run['host']}, started {run['started_at']}")
+    for p in info["paused"]:
+        typer.echo(f"paused    {p['event']} since {p['since']}: {p['why']}")
     typer.echo(f"series    {s['total']}: {s['complete']} complete, {s['failed']} failed, {s['pending']} pending")
     if not info["plan"]["complete"]:
         typer.echo(f"planning  not finished (batch line {info['plan']['line'] or 0} reached)")

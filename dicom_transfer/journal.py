@@ -27,7 +27,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -551,6 +551,17 @@ class Journal:
         keys = ("study_uid", "batch_line", "found", "planned", "reason")
         rows = self.db.execute(f"SELECT {', '.join(keys)} FROM studies ORDER BY batch_line")
         return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def run_events(self, names: Sequence[str]) -> list[tuple[float, str, dict[str, Any] | None]]:
+        """The run-level events named (at, event, detail) since the last `run.start`, oldest first."""
+        marks = ", ".join("?" * len(names))
+        sql = (
+            "SELECT at, event, detail FROM events WHERE uid IS NULL AND id >= COALESCE("
+            "(SELECT MAX(id) FROM events WHERE uid IS NULL AND event='run.start'), 0)"
+            f" AND event IN ({marks}) ORDER BY id"
+        )
+        rows = self.db.execute(sql, names)
+        return [(at, event, json.loads(detail) if detail else None) for at, event, detail in rows]
 
     def events(self, uid: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = "SELECT at, uid, event, from_state, to_state, detail FROM events"

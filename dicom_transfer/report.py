@@ -247,6 +247,7 @@ def status(journal: Journal, now: float) -> dict[str, Any]:
          "received": r.received, "attempts": r.attempts, "since": iso(r.issued_at)}
         for r in journal.rows(State.MOVING, State.VERIFYING)
     ]  # fmt: skip
+    run = running(journal.path)
     errors = [
         {"at": iso(e["at"]), "SeriesInstanceUID": e["uid"], "event": e["event"], "detail": e["detail"]}
         for e in journal.events(limit=200)
@@ -262,10 +263,31 @@ def status(journal: Journal, now: float) -> dict[str, Any]:
         "last_errors": errors,
         "steps": steps_summary(journal),
         "journal": str(journal.path),
-        "run": running(journal.path),
+        "run": run,
+        "paused": paused(journal) if run else [],  # a run that is gone waits for nobody
         "plan": _plan_state(journal),
         "at": iso(now),
     }
+
+
+# A party's pause as the run's events tell it: one event begins it, another ends it (so does run.stop).
+PAUSE_EVENTS = {"source.unreachable": "source", "destination.full": "destination",
+                "destination.unreachable": "destination"}  # fmt: skip
+RESUME_EVENTS = {"source.reachable": "source", "destination.stores": "destination"}
+
+
+def paused(journal: Journal) -> list[dict[str, Any]]:
+    """The parties the last run waits for (party, event, since, why), from its run-level events."""
+    waiting: dict[str, dict[str, Any]] = {}
+    for at, event, detail in journal.run_events((*PAUSE_EVENTS, *RESUME_EVENTS, "run.stop")):
+        if event == "run.stop":
+            waiting.clear()
+        elif event in RESUME_EVENTS:
+            waiting.pop(RESUME_EVENTS[event], None)
+        elif PAUSE_EVENTS[event] not in waiting:
+            why = (detail or {}).get("why") or (detail or {}).get("error") or ""
+            waiting[PAUSE_EVENTS[event]] = {"party": PAUSE_EVENTS[event], "event": event, "since": iso(at), "why": why}
+    return list(waiting.values())
 
 
 def learned_throttle(journal: Journal) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ import pytest
 
 from dicom_transfer.errors import IllegalTransition, JournalError, JournalFull, StateConflict
 from dicom_transfer.journal import PLAN_CHUNK, Journal, SeriesRow
+from dicom_transfer.report import paused
 from dicom_transfer.states import Event, State
 
 UIDS = [f"1.2.826.0.1.3680043.8.498.{n}" for n in (7, 3, 11, 5, 2)]  # deliberately not sorted
@@ -237,6 +238,28 @@ def test_record_run_level_event(journal: Journal):
     assert latest["uid"] is None and latest["event"] == "throttle"
     assert latest["from_state"] is None and latest["to_state"] is None
     assert json.loads(latest["detail"]) == {"from": 4, "to": 2, "why": "A702"}
+
+
+def test_paused_parties_come_from_the_last_runs_events(journal: Journal):
+    """`status`'s pauses: a party's begin event opens it, its resume (or run.stop) closes it; an earlier
+    run's events do not count, nor do a series' own events."""
+    journal.record("run.start")
+    journal.record("destination.full", {"why": "storage full: 1.0 of 1 MB used"})
+    journal.record("run.stop")
+    assert paused(journal) == []
+    journal.record("run.start")
+    journal.record("source.unreachable", {"error": "association rejected"})
+    journal.record("destination.unreachable", {"why": "forward failed: destination Orthanc did not answer"})
+    journal.record("destination.full", {"why": "later: not a new pause"})
+    journal.record("source.unreachable", {"error": "a series' event"}, uid="1.2.3")
+    assert [(p["party"], p["event"], p["why"]) for p in paused(journal)] == [
+        ("source", "source.unreachable", "association rejected"),
+        ("destination", "destination.unreachable", "forward failed: destination Orthanc did not answer"),
+    ]
+    journal.record("source.reachable", {"down_s": 3})
+    assert [p["party"] for p in paused(journal)] == ["destination"]
+    journal.record("destination.stores", {"paused_s": 9})
+    assert paused(journal) == []
 
 
 def test_deferred_transition_rides_with_the_next_write(journal: Journal, path: Path, clock: FakeClock):

@@ -266,6 +266,12 @@ def test_destination_full_frees_up_during_the_run(full_stack, tmp_path: Path) ->
         while time.monotonic() < deadline and not (journal.exists() and events(journal, "destination.full")):
             time.sleep(0.1)
         assert events(journal, "destination.full")
+        # `status` beside the paused run says what it waits for, and since when.
+        shown = json.loads(run_cli("status", "--journal", journal, "--json").stdout)["paused"]
+        assert [(p["party"], p["event"]) for p in shown] == [("destination", "destination.full")], shown
+        assert "of 1 MB used" in shown[0]["why"] and shown[0]["since"]
+        text = run_cli("status", "--journal", journal).stdout
+        assert "paused    destination.full since " in text and "MaximumStorageSize" in text, text
         free_space(dest, filler[0])
         _, err = run.communicate(timeout=120)
     finally:
@@ -275,6 +281,7 @@ def test_destination_full_frees_up_during_the_run(full_stack, tmp_path: Path) ->
     assert states(journal) == {"complete": 8}
     assert len(events(journal, "destination.full")) == 1
     assert events(journal, "destination.stores")
+    assert json.loads(run_cli("status", "--journal", journal, "--json").stdout)["paused"] == []
 
 
 @contextlib.contextmanager
