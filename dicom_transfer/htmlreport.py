@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 from . import __version__
 from .config import Config, config_summary
 from .journal import Journal
-from .report import iso, summary
+from .report import PAUSE_EVENTS, iso, summary
 from .states import State
 from .steps import steps_summary
 from .svgplot import Chart, nice_step, number, ticks
@@ -40,7 +40,7 @@ FAILURES_SHOWN = 100
 REASONS_SHOWN = 30
 RAW_LIMIT_POINTS = 600  # more throttle changes than this are drawn per time bucket
 RETRY_EVENTS = ("short", "requeued", "give_up", "not_found")
-RUN_PROBLEMS = ("source.unreachable", "destination.full", "destination.unreachable")
+RUN_PROBLEMS = tuple(PAUSE_EVENTS)  # source unreachable, destination full or unreachable
 # A throttle change goes up (the limit grew back, or the learned ceiling lifted) or down (the PACS
 # was full: halved, or at 1 already). The change says which (`kind`); journals written before
 # it had `kind` are read by the limit's direction and `why`.
