@@ -110,8 +110,12 @@ def run(wan: WanStack, pacs: MisbehavingPacs, work: Path, mode: str, series: lis
                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err, check=False)  # fmt: skip
     elapsed = time.perf_counter() - t0
     cpu = {k: v - cpu0[k] for k, v in cpu_now(wan).items()}
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode}: exit {proc.returncode}; see {work / f'{mode}.log'}")
+    if proc.returncode != 0:  # what the PACS saw, for the post-mortem: its errors and its log of the batch
+        snap = pacs.snapshot()
+        seen = "; ".join(repr(e)[:200] for e in snap["errors"][:5]) or "none"
+        (work / f"{mode}.pacs.log").write_text("".join(f"{at:.3f} {event} {uid}\n" for at, event, uid in snap["log"]))
+        raise SystemExit(f"{mode}: exit {proc.returncode}; see {work / f'{mode}.log'} and {mode}.pacs.log beside it;"
+                         f" the PACS's errors: {seen}")  # fmt: skip
     n = sum(len(s.sop_uids) for s in series)
     where = wan.stack.centre if mode == "loopback" else wan.dest
     held = int(where.rest.get("/statistics")["CountInstances"])
