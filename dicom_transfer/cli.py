@@ -231,7 +231,8 @@ def _print_status(info: dict[str, Any]) -> None:
         typer.echo(f"relay     {s['at_local']} series ({s['instances_at_local']} instances) at the local Orthanc,"
                    f" not yet at the destination")  # fmt: skip
     if info["series_per_minute"]:
-        typer.echo(f"rate      {info['series_per_minute']} series/min, eta {info['eta_seconds']} s")
+        eta = f", eta {info['eta_seconds']} s" if info["eta_seconds"] is not None else ""
+        typer.echo(f"rate      {info['series_per_minute']} series/min{eta}")
     for step, c in info.get("steps", {}).items():
         typer.echo(f"{step:<9} {c['done']} done, {c['failed']} failed, {c['pending']} pending")
     if info.get("throttle"):
