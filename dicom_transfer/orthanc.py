@@ -833,6 +833,19 @@ class Destination(OrthancRest):
                 return str(item["ID"])
         return None
 
+    def _series_get(self, series_uid: str, suffix: str = "") -> Any:
+        """`GET /series/{id}{suffix}` of this series; None when it is not held here (a 404 forgets its id)."""
+        sid = self.series_id(series_uid)
+        if sid is None:
+            return None
+        try:
+            return self.get(f"/series/{sid}{suffix}")
+        except OrthancError as exc:
+            if exc.status == 404:
+                self._series_ids.pop(series_uid, None)
+                return None
+            raise
+
     def hint(self, series_uid: str, patient_id: str | None, study_uid: str | None) -> None:
         """Remember the series' computed Orthanc id, to count with one GET instead of a lookup."""
         if patient_id is not None and study_uid and series_uid not in self._series_ids:
@@ -969,16 +982,7 @@ class LocalStore(Destination):
 
     def instance_sizes(self, series_uid: str) -> list[tuple[str, int]]:
         """(Orthanc instance id, file size) of each instance of the series held (empty when none)."""
-        sid = self.series_id(series_uid)
-        if sid is None:
-            return []
-        try:
-            instances = self.get(f"/series/{sid}/instances")
-        except OrthancError as exc:
-            if exc.status == 404:
-                self._series_ids.pop(series_uid, None)
-                return []
-            raise
+        instances = self._series_get(series_uid, "/instances") or []
         return [(str(i["ID"]), int(i.get("FileSize") or 0)) for i in instances]
 
     def archive(self, instance_ids: list[str], timeout_s: float) -> bytes:
@@ -1012,16 +1016,8 @@ class ForwardTarget(Destination):
         An Orthanc id is a SHA-1 of PatientID and the study, series and SOP instance UIDs,
         so the local Orthanc's id of an instance names the same instance here.
         """
-        sid = self.series_id(series_uid)
-        if sid is None:
-            return set()
-        try:
-            return {str(iid) for iid in self.get(f"/series/{sid}")["Instances"]}
-        except OrthancError as exc:
-            if exc.status == 404:
-                self._series_ids.pop(series_uid, None)
-                return set()
-            raise
+        series = self._series_get(series_uid)
+        return {str(iid) for iid in series["Instances"]} if series is not None else set()
 
     def store_archive(self, archive: bytes, timeout_s: float) -> int:
         """Upload a ZIP of instances; returns how many it stored (or already held).

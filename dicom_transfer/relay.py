@@ -177,7 +177,8 @@ class Relay:
         while self._ready:
             held = self.held.get(self._ready.popleft())
             if held is not None:
-                self.out.probe_at = None  # this forward is the probe: a failure sets the next one
+                if self.out:
+                    self.out.probe_at = None  # this forward is the probe: a failure sets the next one
                 return held
         return None
 

@@ -284,9 +284,9 @@ def paused(journal: Journal) -> list[dict[str, Any]]:
             waiting.clear()
         elif event in RESUME_EVENTS:
             waiting.pop(RESUME_EVENTS[event], None)
-        elif PAUSE_EVENTS[event] not in waiting:
+        elif (party := PAUSE_EVENTS[event]) not in waiting:  # the first cause of a pause names it
             why = (detail or {}).get("why") or (detail or {}).get("error") or ""
-            waiting[PAUSE_EVENTS[event]] = {"party": PAUSE_EVENTS[event], "event": event, "since": iso(at), "why": why}
+            waiting[party] = {"party": party, "event": event, "since": iso(at), "why": why}
     return list(waiting.values())
 
 
